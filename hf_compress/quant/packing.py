@@ -5,11 +5,14 @@ stream bits ``[k*bits, (k+1)*bits)`` and word ``w`` holds stream bits ``[w*W, (w
 For 2, 4 and 8 bits a word holds whole values; 3-bit values cross word boundaries (32 values fill three
 int32 words). For int32 this is exactly the GPTQ/AutoGPTQ packing, 3-bit included.
 
-The packed dimension is padded with zero codes to a multiple of ``W`` values, so ``W*bits`` stream bits
-always fill whole words; ``unpack_bits`` takes the original length and drops the padding.
+The packed dimension is padded with zero codes to the smallest run of values that fills whole words
+(``W/gcd(W, bits)`` values: 8 at 4 bits and 32 at 3 bits in int32, 2 at 4 bits in uint8);
+``unpack_bits`` takes the original length and drops the padding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -17,35 +20,38 @@ SUPPORTED_PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
 _WORD_BITS = {torch.int32: 32, torch.uint8: 8}
 
 
-def _check(bits: int, container: torch.dtype) -> int:
+def _check(bits: int, container: torch.dtype) -> tuple[int, int, int]:
+    """``(word bits, values per chunk, words per chunk)``: a chunk is the shortest run filling whole words."""
     if bits not in SUPPORTED_PACK_BITS:
         raise ValueError(f"bits must be an integer in 2..8, got {bits}")
     if container not in _WORD_BITS:
         raise ValueError(f"container must be torch.int32 or torch.uint8, got {container}")
-    return _WORD_BITS[container]
+    word = _WORD_BITS[container]
+    g = math.gcd(word, bits)
+    return word, word // g, bits // g
 
 
 def packed_length(n: int, bits: int, container: torch.dtype = torch.int32) -> int:
     """Number of words that hold ``n`` values of ``bits`` bits (after padding ``n`` to whole word groups)."""
-    word = _check(bits, container)
-    return -(-n // word) * bits
+    _, chunk_values, chunk_words = _check(bits, container)
+    return -(-n // chunk_values) * chunk_words
 
 
 def pack_bits(values: torch.Tensor, bits: int, *, container: torch.dtype = torch.int32, dim: int = 0) -> torch.Tensor:
     """Pack unsigned codes in ``[0, 2**bits)`` along ``dim`` into ``container`` words."""
-    word = _check(bits, container)
+    word, chunk_values, chunk_words = _check(bits, container)
     if values.is_floating_point():
         raise TypeError("pack_bits takes integer codes, got a floating-point tensor")
     v = values.movedim(dim, 0).to(torch.int64)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to pack into {bits} bits")
     n = v.shape[0]
-    pad = -n % word
+    pad = -n % chunk_values
     if pad:
         v = torch.cat([v, v.new_zeros((pad, *v.shape[1:]))])
-    chunks = v.reshape(-1, word, *v.shape[1:])  # [n_chunks, word values, ...]
-    out = torch.zeros((chunks.shape[0], bits, *v.shape[1:]), dtype=torch.int64, device=v.device)
-    for j in range(word):
+    chunks = v.reshape(-1, chunk_values, *v.shape[1:])
+    out = torch.zeros((chunks.shape[0], chunk_words, *v.shape[1:]), dtype=torch.int64, device=v.device)
+    for j in range(chunk_values):
         offset = j * bits
         w, shift = divmod(offset, word)
         out[:, w] |= chunks[:, j] << shift
@@ -61,14 +67,14 @@ def pack_bits(values: torch.Tensor, bits: int, *, container: torch.dtype = torch
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int, *, dim: int = 0) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` codes along ``dim`` as int32."""
-    word = _check(bits, packed.dtype)
+    word, chunk_values, chunk_words = _check(bits, packed.dtype)
     p = packed.movedim(dim, 0).to(torch.int64) & ((1 << word) - 1)
-    if p.shape[0] % bits:
-        raise ValueError(f"packed length {p.shape[0]} is not a multiple of bits={bits}")
-    chunks = p.reshape(-1, bits, *p.shape[1:])
+    if p.shape[0] % chunk_words:
+        raise ValueError(f"packed length {p.shape[0]} is not a multiple of {chunk_words} words for {bits}-bit codes")
+    chunks = p.reshape(-1, chunk_words, *p.shape[1:])
     mask = (1 << bits) - 1
     vals = []
-    for j in range(word):
+    for j in range(chunk_values):
         offset = j * bits
         w, shift = divmod(offset, word)
         v = chunks[:, w] >> shift
