@@ -232,13 +232,17 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux), 0 if unknown."""
+def anon_rss_bytes() -> int:
+    """Anonymous resident memory of this process (Linux ``RssAnon``), 0 if unknown. File-backed pages (weights
+    memory-mapped from a safetensors file, counted once per mapping in plain RSS) are left out."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
 # -- output -----------------------------------------------------------------------------------------------

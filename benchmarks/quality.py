@@ -17,6 +17,7 @@ Prints markdown tables (and a table of floors, PASS/FAIL) and writes JSON (``--o
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 import tempfile
 import time
@@ -280,6 +281,7 @@ def floors(lm_rows, enc_rows) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    faulthandler.enable()  # a crash inside a native kernel still names the Python frame
     common.setup(args.threads)
     from tqdm.auto import tqdm
 

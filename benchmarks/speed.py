@@ -22,13 +22,14 @@ measured with a 1 GiB ``dst.copy_(src)`` (read + write bytes), as a tokens/s cei
 achieved.
 
     python benchmarks/speed.py --quick      # 4 layers, short runs: a smoke test
-    python benchmarks/speed.py              # the full 1B shape (about 15-25 minutes on 2 cores)
+    python benchmarks/speed.py              # the full 1B shape (about 13 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import sys
 import tempfile
 import time
@@ -259,6 +260,29 @@ def configurations(args) -> list[dict]:
     return cfgs
 
 
+def _tensors_in(obj, out: dict) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        out[id(obj)] = obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_in(v, out)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _tensors_in(v, out)
+
+
+def kernel_tensors(layer) -> list:
+    """Tensors a ``QuantLinear``'s kernel prepared (``_kernel_cache`` entries keyed ``("state", backend)``);
+    empty when its backend reads the packed layout directly."""
+    found: dict = {}
+    for k, v in getattr(layer, "_kernel_cache", {}).items():
+        if isinstance(k, tuple) and k and k[0] == "state":
+            _tensors_in(v, found)
+    return list(found.values())
+
+
 # -- bytes per decoded token ----------------------------------------------------------------------------
 def bytes_per_token(model) -> dict:
     """Bytes the forward of one decoded token reads: every parameter/buffer except the input embedding table
@@ -272,8 +296,7 @@ def bytes_per_token(model) -> dict:
     total = kernel_state = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            state = [v for k, v in module._kernel_cache.items() if isinstance(k, tuple) and k[0] == "state"]
-            tensors = [t for st in state for t in st.values() if hasattr(t, "numel")] if state else []
+            tensors = kernel_tensors(module)
             if tensors:
                 b = sum(common.tensor_nbytes(t) for t in tensors)
                 kernel_state += b
@@ -338,6 +361,7 @@ def measure(model, args, warm: bool = False) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    faulthandler.enable()  # a crash inside a native kernel still names the Python frame
     threads = common.setup(args.threads)
     import gc
 
@@ -352,7 +376,7 @@ def main(argv=None) -> int:
     }
     per_round: dict[str, list[dict]] = {c["name"]: [] for c in cfgs}
     models: dict[str, object] = {}
-    peak_rss = common.rss_bytes()
+    peak_rss = common.anon_rss_bytes()
 
     with (
         tempfile.TemporaryDirectory(prefix="hfc-speed-") as tmp,
@@ -392,7 +416,7 @@ def main(argv=None) -> int:
                 rows[c["name"]]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows[c["name"]]["traceback"] = traceback.format_exc()
             gc.collect()
-            peak_rss = max(peak_rss, common.rss_bytes())
+            peak_rss = max(peak_rss, common.anon_rss_bytes())
             bar.update(1)
 
         live = [c for c in cfgs if "error" not in rows[c["name"]]]
@@ -405,9 +429,10 @@ def main(argv=None) -> int:
                 if args.low_memory:
                     del model
                     gc.collect()
-                peak_rss = max(peak_rss, common.rss_bytes())
+                peak_rss = max(peak_rss, common.anon_rss_bytes())
                 bar.update(1)
             bar.update(len(cfgs) - len(live))
+            bw.append(common.memcopy_bandwidth())  # sampled every round: the best one bounds the machine
         models.clear()
         gc.collect()
     bw.append(common.memcopy_bandwidth())
@@ -464,18 +489,18 @@ def main(argv=None) -> int:
             continue
         if c["bits"] == 8 or c.get("group_size") == 128:
             key = "int8_vs_bf16" if c["bits"] == 8 else "int4_vs_bf16"
-            floor_rows.append(
-                common.floor_row(
-                    f"{c['name']} decode / bf16", rows[c["name"]].get("decode_x_bf16"), ">=", FLOORS[key], "x"
-                )
+            scope = "same dtype" if c["dtype"] == "bf16" else "fp32 act vs bf16 (info)"
+            fr = common.floor_row(
+                f"{c['name']} decode / bf16", rows[c["name"]].get("decode_x_bf16"), ">=", FLOORS[key], "x"
             )
+            floor_rows.append({**fr, "scope": scope})
             for p in cfgs:
                 if p["kind"] in ("torchao", "quanto") and p["bits"] == c["bits"]:
                     value = ratio(c["name"], p["name"], "decode_tok_s") if per_round[p["name"]] else None
                     fr = common.floor_row(f"{c['name']} decode / {p['name']}", value, ">=", FLOORS["vs_peer"], "x")
                     if value is None and rows[p["name"]].get("error"):
                         fr["status"] = f"n/a ({p['name']} failed)"
-                    floor_rows.append(fr)
+                    floor_rows.append({**fr, "scope": scope})
 
     # -- print ---------------------------------------------------------------------------------------------
     table_rows = [rows[c["name"]] for c in cfgs]
@@ -521,7 +546,7 @@ def main(argv=None) -> int:
     print("\n## How each row was built\n")
     print(common.markdown_table(table_rows, ["config", "load_s", "resident_bytes", "note"]))
     print("\n## Floors\n")
-    print(common.markdown_table(floor_rows, ["floor", "measured", "required", "status"]))
+    print(common.markdown_table(floor_rows, ["floor", "measured", "required", "status", "scope"]))
     head = rows["fp32"]
     elapsed = time.perf_counter() - t_start
     print(
@@ -530,11 +555,17 @@ def main(argv=None) -> int:
         + "); "
         f"lm_head ({head['head_bytes'] / 1e6:.0f} MB in fp32) stays float in every row (hf_compress's default skip of "
         "the output embeddings; peers skip it the same way); KV-cache reads are not counted in MB_per_token. "
-        f"Peak RSS {peak_rss / 2**30:.1f} GiB; {elapsed / 60:.1f} min."
+        f"Peak anonymous RSS {peak_rss / 2**30:.1f} GiB (memory-mapped float weights not counted); {elapsed / 60:.1f} min."
         + (f" QuantLinear forward: {kinfo['kernels']}." if kinfo["fallback"] else "")
     )
-    n_fail = sum(r["status"] == "FAIL" for r in floor_rows)
-    print(f"{sum(r['status'] == 'PASS' for r in floor_rows)}/{len(floor_rows)} floors pass")
+    n_fail = sum(r["status"] == "FAIL" for r in floor_rows if r["scope"] == "same dtype")
+    same = [r for r in floor_rows if r["scope"] == "same dtype"]
+    info = [r for r in floor_rows if r["scope"] != "same dtype"]
+    print(
+        f"{sum(r['status'] == 'PASS' for r in same)}/{len(same)} floors pass (hf_compress bf16-act rows, the dtype of the "
+        f"bf16 baseline and the peers)"
+        + (f"; fp32-act rows, informational: {sum(r['status'] == 'PASS' for r in info)}/{len(info)}" if info else "")
+    )
 
     for r in table_rows:
         r.pop("note", None)
@@ -559,7 +590,7 @@ def main(argv=None) -> int:
         "rows": table_rows,
         "rounds": per_round,
         "floors": floor_rows,
-        "peak_rss_bytes": peak_rss,
+        "peak_anon_rss_bytes": peak_rss,
         "seconds": elapsed,
     }
     out = common.write_json(args.out, payload)

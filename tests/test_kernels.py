@@ -16,6 +16,11 @@ from hf_compress.kernels import cpu as kcpu
 from hf_compress.quant.layout import default_g_idx, dequantize_layout, num_groups, pack_layout, unpack_qweight
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 class Layer(torch.nn.Module):
     """The attributes the nn layer exposes to ``quant_linear``."""
 

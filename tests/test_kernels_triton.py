@@ -67,6 +67,7 @@ def _worker() -> None:
         cfg = dict(cfg)
         no_bias, shape3d = cfg.pop("no_bias", False), cfg.pop("shape3d", False)
         layer = make_layer(k, n, bits, g, act_order=act, bias=not no_bias, seed=len(results))
+        torch.manual_seed(len(results))
         x = torch.randn(*((2, m // 2) if shape3d else (m,)), k).to(getattr(torch, dtype))
         ref = layer.ref(x)
         try:

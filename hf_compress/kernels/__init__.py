@@ -73,6 +73,9 @@ def _fingerprint(tensors) -> tuple:
 
 
 def _packed(layer) -> tuple:
+    buffers = getattr(layer, "_buffers", None)  # nn.Module: skip its slow __getattr__ on the hot path
+    if buffers is not None and "qweight" in buffers and "g_idx" in buffers:
+        return buffers["qweight"], buffers["qzeros"], buffers["scales"], buffers["g_idx"]
     return layer.qweight, layer.qzeros, layer.scales, layer.g_idx
 
 

@@ -7,19 +7,21 @@ activations the same ops are several times slower than an fp32 matmul, measured 
 computes ``x @ (w*s).T``. Our codes are unsigned with a zero code ``z`` per row:
 ``(q - z)*s = (q - 128)*s + (128 - z)*s``, so the kernel gets ``q - 128`` and a per-row correction
 ``x.sum(-1) * (128 - z)*s`` is added in fp32 when some ``z != 128`` (symmetric int8 needs none).
-The kernel reads garbage / crashes unless ``K % 16 == 0`` (measured), so ``K`` is padded with zero codes
-(and ``x`` with zero columns) to a multiple of 16.
+The kernel returns wrong results unless ``K % 16 == 0`` and segfaults unless ``K % 4 == 0`` (measured), so
+``K`` is padded with zero codes (and ``x`` with zero columns) to a multiple of 16. From
+``INT8_DEQUANT_MIN_ROWS`` rows on (prefill) the int8 weight is expanded to a transient bf16 matrix for one
+bf16 GEMM instead: the kernel's cost grows like M GEMVs (measured crossover ~28 rows at 2048x5632).
 
 ``cpu-int4`` (bits 2, 3, 4): ``torch._convert_weight_to_int4pack_for_cpu(w [N,K] int32 codes 0..15)``
-then ``torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)`` with ``sz [K/group, N, 2]`` bf16 holding
-``(scale, zero)`` per block and computing ``w = (q - 8)*scale + zero``. With ``zero = s*(8 - z)`` that is
-our ``(q - z)*s`` for 4-bit codes. 2- and 3-bit codes run through the same kernel with the zero code folded
-into the codes instead (``q - z + 8`` lies in 1..15, ``zero = 0``), which avoids a large bf16 zero term. Constraints
-(measured): ``group`` in {32, 64, 128, 256} dividing ``K``; ``N % 16 == 0``. We pick the kernel group
-size that keeps every kernel block inside one of our groups with the least ``K`` padding (largest group on
-ties), pad ``N`` to a multiple of 16 (rows sliced off the output) and ``K`` to a multiple of the kernel group
-(zero activations), and sort the input columns of an act-order ``g_idx`` once so groups are contiguous
-(``x`` columns are permuted the same way at run time).
+then ``torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)`` with ``sz [K/group, N, 2]`` (x's dtype)
+holding ``(scale, zero)`` per block and computing ``w = (q - 8)*scale + zero``. With ``zero = s*(8 - z)``
+that is our ``(q - z)*s`` for 4-bit codes. 2- and 3-bit codes go through the same kernel with the zero
+code folded into the codes instead (``q - z + 8`` lies in 1..15, ``zero = 0``), which avoids a large bf16
+zero term. Constraints (measured): ``group`` in {32, 64, 128, 256} dividing ``K``; ``N % 16 == 0``. We
+pick the kernel group size that keeps every kernel block inside one of our groups with the least ``K``
+padding (largest group on ties), pad ``N`` to a multiple of 16 (rows sliced off the output) and ``K`` to a
+multiple of the kernel group (zero activations), and sort the input columns of an act-order ``g_idx`` once
+so groups are contiguous (``x`` columns are permuted the same way at run time).
 """
 
 from __future__ import annotations
@@ -83,12 +85,12 @@ def prepare_int8(qweight, qzeros, scales, bits: int, in_features: int) -> dict:
 
 def int8_linear(x, bias, w_int8, scale_bf16, zero_corr, pad_k: int) -> torch.Tensor:
     """``x [..., K]`` (fp32 or bf16) -> ``[..., N]`` in ``x.dtype``."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    xb = x2.to(torch.bfloat16)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
     if pad_k:
         xb = F.pad(xb, (0, pad_k))
-    xb = xb.contiguous()
+    if not xb.is_contiguous():
+        xb = xb.contiguous()
     if xb.shape[0] >= INT8_DEQUANT_MIN_ROWS:
         # Prefill-sized batches: the int8 kernel costs ~M GEMVs; a transient bf16 weight + GEMM is faster.
         w = w_int8.to(torch.bfloat16).mul_(scale_bf16.unsqueeze(1))
@@ -98,10 +100,11 @@ def int8_linear(x, bias, w_int8, scale_bf16, zero_corr, pad_k: int) -> torch.Ten
     if zero_corr is not None:
         xs = x2.sum(-1, keepdim=True, dtype=torch.float32)
         y = torch.addcmul(y.to(torch.float32), xs, zero_corr.unsqueeze(0))
-    y = y.to(x.dtype)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
-        y = y.add_(bias.to(x.dtype))
-    return y.reshape(*x.shape[:-1], w_int8.shape[0])
+        y = y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------- int4
@@ -182,20 +185,23 @@ def prepare_int4(qweight, qzeros, scales, bits: int, in_features: int, plan: dic
 
 
 def int4_linear(x, bias, packed, scales_zeros, perm, group_k: int, pad_k: int, out_features: int) -> torch.Tensor:
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    """``x [..., K]`` (fp32 or bf16) -> ``[..., N]`` in ``x.dtype`` (the decode hot path: no needless copies)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if perm is not None:
         x2 = x2.index_select(1, perm)
-    xb = x2.to(torch.bfloat16)
+    if x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
     if pad_k:
-        xb = F.pad(xb, (0, pad_k))
-    xb = xb.contiguous()
-    y = torch._weight_int4pack_mm_for_cpu(xb, packed, group_k, scales_zeros)
+        x2 = F.pad(x2, (0, pad_k))
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_k, scales_zeros)
     if y.shape[1] != out_features:
         y = y[:, :out_features]
-    y = y.to(x.dtype)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
-        y = y + bias.to(x.dtype)
+        y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
     elif not y.is_contiguous():
         y = y.contiguous()
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

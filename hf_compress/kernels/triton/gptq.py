@@ -121,7 +121,7 @@ def _gptq_matmul(
                 else:
                     acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
             elif UPCAST_DOT:  # interpreter: its tl.dot multiplies bf16 bit patterns as integers
-                acc += tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32))
+                acc += tl.dot(a.to(tl.float32), w)
             else:
                 acc += tl.dot(a, w.to(a.dtype))
         else:
@@ -197,8 +197,11 @@ def triton_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, in_feature
     k_per_split = _cdiv(_cdiv(k, split), bk) * bk  # whole BLOCK_K steps per split
     split = _cdiv(k, k_per_split)
     g_idx = g_idx.to(torch.int32).contiguous()
+    # The interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest even): give it an fp32 output.
+    interpret = interpreting()
+    direct_dtype = torch.float32 if interpret and x.dtype == torch.bfloat16 else x.dtype
     if split == 1:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n), dtype=direct_dtype, device=x.device)
         has_bias = bias is not None
         stride_os = 0
     else:
@@ -206,7 +209,6 @@ def triton_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, in_feature
         has_bias = False
         stride_os = out.stride(0)
     bias_arg = bias.contiguous() if has_bias else scales  # any pointer when unused
-    interpret = interpreting()
     if x.device.type != "cuda" and not interpret:
         raise RuntimeError(
             "the triton backend runs CUDA tensors; CPU tensors need the Triton interpreter "
@@ -254,5 +256,6 @@ def triton_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, in_feature
         out = out.sum(0)
         if bias is not None:
             out = out + bias.to(torch.float32)
+    if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(*lead, n)
