@@ -70,11 +70,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, text, speed: bool, reference=None) -> dict:
-    from .eval import evaluate_model, load_sentences
+    from .eval import evaluate_model, is_encoder, load_sentences
 
     kw = {}
-    from .eval import is_encoder
-
     if is_encoder(model):
         kw["sentences"] = load_sentences(text) if text else None
         kw["reference"] = reference
@@ -91,7 +89,9 @@ def cmd_quantize(args) -> int:
     model, tokenizer = load_model(args.model, quantization_config=config)
     results = None
     if args.eval_text:
-        reference = load_model(args.model)[0] if _needs_reference(model) else None
+        from .eval import is_encoder
+
+        reference = load_model(args.model)[0] if is_encoder(model) else None
         results = evaluate(model, tokenizer, args.eval_text, speed=False, reference=reference)
     card = model_card(str(args.model), method, config.to_dict(), results)
     out = save_compressed(model, args.output, tokenizer=tokenizer, card=card, results=results)
@@ -99,12 +99,6 @@ def cmd_quantize(args) -> int:
     if results:
         print(markdown_table([{"model": str(out), **results}], ["model", *results]))
     return 0
-
-
-def _needs_reference(model) -> bool:
-    from .eval import is_encoder
-
-    return is_encoder(model)
 
 
 def cmd_eval(args) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..quant.layout import QuantizedWeight, dequantize_layout, packed_shapes
+from ..quant.layout import QuantizedWeight, packed_shapes
 
 PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -72,8 +72,9 @@ class QuantLinear(nn.Module):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PACKED_NAMES)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The float weight ``[out, in]`` in the dtype of the scales."""
-        return dequantize_layout(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+        """The float weight ``[out, in]`` in the dtype of the scales (the vectorised twin of ``dequantize_layout``,
+        bit-identical to it)."""
+        return kernels.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
 
     def to_float(self) -> nn.Module:
         """An equivalent float layer (``nn.Linear``, or ``Conv1D`` for modules that were GPT-2 Conv1D)."""
