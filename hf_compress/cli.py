@@ -19,9 +19,9 @@ DEFAULT_TEXT = SHARED / "data" / "pydoc-heldout.txt"
 
 # -- building a config from flags and recipes --------------------------------------------------------------
 def method_configs() -> dict:
-    from .integrations import RTNConfig
+    from .integrations import GPTQConfig, RTNConfig
 
-    return {"rtn": RTNConfig}
+    return {"rtn": RTNConfig, "gptq": GPTQConfig}
 
 
 def load_recipe(path: str | None) -> dict:
@@ -46,13 +46,34 @@ def build_config(args) -> tuple[str, object]:
     if method not in configs:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(configs)}")
     fields = dict(recipe)
-    for flag, field in (("bits", "bits"), ("group_size", "group_size"), ("sym", "sym")):
+    flags = {
+        "bits": "bits",
+        "group_size": "group_size",
+        "sym": "sym",
+        "act_order": "desc_act",
+        "n_samples": "n_samples",
+        "seqlen": "seqlen",
+        "seed": "seed",
+    }
+    for flag, field in flags.items():
         value = getattr(args, flag, None)
         if value is not None:
             fields[field] = value
     if args.skip:
         fields["modules_to_not_convert"] = args.skip
-    return method, configs[method](**fields)
+    config_cls = configs[method]
+    calib = getattr(args, "calib", None) or fields.pop("calib", None)
+    if "dataset" in config_cls.runtime_fields:
+        if calib is None:
+            raise ValueError(f"--method {method} calibrates: pass --calib TEXTFILE (calibration text, never the evaluation text)")
+        fields["dataset"] = str(calib)
+    elif calib is not None:
+        logger.warning("--calib is ignored by --method %s, which needs no calibration data", method)
+    unknown = sorted(set(fields) - set(config_cls.fields) - set(config_cls.runtime_fields))
+    if unknown:
+        flagged = sorted(f"--{k.replace('_', '-')}" for k, v in flags.items() if v in unknown)
+        raise ValueError(f"--method {method} does not take {flagged or unknown}")
+    return method, config_cls(**fields)
 
 
 # -- table printing ---------------------------------------------------------------------------------------
@@ -155,6 +176,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .formats.gptq import export_gptq
+
+    out = export_gptq(args.src, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -177,12 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it (reloads with from_pretrained after import hf_compress)")
     q.add_argument("model", help="local folder or Hub id")
-    q.add_argument("--method", default=None, help="rtn (default)")
+    q.add_argument("--method", default=None, help="rtn (default) or gptq")
     q.add_argument("--bits", type=int, default=None)
     q.add_argument("--group-size", dest="group_size", type=int, default=None, help="-1 (default) = per output channel")
     q.add_argument("--sym", type=bool_flag, default=None, help="true (default) or false (asymmetric)")
     q.add_argument("--skip", nargs="*", default=None, help="module names to keep in float")
-    q.add_argument("--calib", default=None, help="calibration text file (methods that calibrate)")
+    q.add_argument("--calib", default=None, help="calibration text file (gptq; never the evaluation text)")
+    q.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=None, help="gptq: act-order (desc_act)")
+    q.add_argument("--n-samples", dest="n_samples", type=int, default=None, help="gptq: calibration windows (128)")
+    q.add_argument("--seqlen", type=int, default=None, help="gptq: tokens per window (min(2048, model positions))")
+    q.add_argument("--seed", type=int, default=None, help="gptq: seed of the window offsets (0)")
     q.add_argument("--recipe", default=None, help="YAML recipe (configs/*.yaml); flags override it")
     q.add_argument("--eval-text", default=None, help="measure perplexity (or embedding cosine) on this text for the model card")
     q.add_argument("--output", required=True)
@@ -200,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dirs", nargs="+")
     c.add_argument("--plot", default=None, help="PNG: quality against bytes on disk")
     c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", help="rewrite a compressed folder in another tool's format")
+    x.add_argument("src", help="a folder written by hf-compress quantize")
+    x.add_argument("--format", required=True, choices=["gptq"], help="gptq: quant_method gptq (GPTQModel, vLLM)")
+    x.add_argument("--output", required=True)
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="compress the local default model and print a before/after table")
     d.add_argument("--model", default=None)

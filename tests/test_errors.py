@@ -27,8 +27,12 @@ def test_config_validation_messages():
         RTNConfig.from_dict({"quant_method": "hf_compress_rtn", "bits": 4, "format_version": 99})
     cfg = RTNConfig(bits=3, group_size=64, sym=False, modules_to_not_convert=["lm_head"])
     assert RTNConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
-    assert cfg.to_dict() == {"quant_method": "hf_compress_rtn", "format_version": 1, "bits": 3, "group_size": 64,
-                             "sym": False, "modules_to_not_convert": ["lm_head"]}
+    assert cfg.to_dict() == {"quant_method": "hf_compress_rtn", "format_version": 2, "bits": 3, "group_size": 64,
+                             "sym": False, "modules_to_not_convert": ["lm_head"], "checkpoint_format": "gptq"}
+    # format 1 folders stored exact zero codes: they read as gptq_v2
+    assert RTNConfig.from_dict({"quant_method": "hf_compress_rtn", "format_version": 1, "bits": 4}).checkpoint_format == "gptq_v2"
+    with pytest.raises(ValueError, match="checkpoint_format must be one of"):
+        RTNConfig(bits=4, checkpoint_format="marlin")
 
 
 def test_missing_model_path(tmp_path):

@@ -7,10 +7,35 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from .config import HfCompressConfig, RTNConfig
-from .quantizer import RTNHfQuantizer
+from transformers.quantizers.auto import AutoHfQuantizer
 
-METHODS = {RTNConfig.quant_method: (RTNConfig, RTNHfQuantizer)}
+from .config import GPTQConfig, HfCompressConfig, RTNConfig
+from .quantizer import GPTQHfQuantizer, RTNHfQuantizer
+
+METHODS = {
+    RTNConfig.quant_method: (RTNConfig, RTNHfQuantizer),
+    GPTQConfig.quant_method: (GPTQConfig, GPTQHfQuantizer),
+}
+
+
+def _refuse_requantizing(merge):
+    """transformers silently keeps a checkpoint's own quantization when another config is passed; for ours,
+    say what happened and what to do instead."""
+
+    def merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
+        if isinstance(quantization_config_from_args, HfCompressConfig):
+            found = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else getattr(quantization_config, "quant_method", None)
+            found = getattr(found, "value", found)
+            if found != quantization_config_from_args.quant_method:
+                hint = "load it with hf_compress.load_gptq(path)" if found == "gptq" else "load it without quantization_config"
+                raise ValueError(
+                    f"this checkpoint is already quantized (quant_method {found!r}); {type(quantization_config_from_args).__name__} "
+                    f"quantizes float checkpoints: {hint}, or start from the float model"
+                )
+        return merge.__func__(cls, quantization_config, quantization_config_from_args)
+
+    merge_quantization_configs._hf_compress = True
+    return classmethod(merge_quantization_configs)
 
 
 def register_all() -> None:
@@ -22,8 +47,10 @@ def register_all() -> None:
         if AUTO_QUANTIZER_MAPPING.get(name) is not quantizer_cls:
             AUTO_QUANTIZER_MAPPING.pop(name, None)
             register_quantizer(name)(quantizer_cls)
+    if not getattr(AutoHfQuantizer.merge_quantization_configs, "_hf_compress", False):
+        AutoHfQuantizer.merge_quantization_configs = _refuse_requantizing(AutoHfQuantizer.merge_quantization_configs)
 
 
 register_all()
 
-__all__ = ["HfCompressConfig", "METHODS", "RTNConfig", "RTNHfQuantizer", "register_all"]
+__all__ = ["GPTQConfig", "GPTQHfQuantizer", "HfCompressConfig", "METHODS", "RTNConfig", "RTNHfQuantizer", "register_all"]

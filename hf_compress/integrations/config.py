@@ -14,7 +14,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..quant.layout import LAYOUT_BITS
 
-FORMAT_VERSION = 1
+# 1: zero codes stored exactly (gptq_v2); 2: adds ``checkpoint_format``, default "gptq" (v1: zero - 1).
+FORMAT_VERSION = 2
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _META_FIELDS = ("quant_method", "format_version")
 
 
@@ -85,16 +87,31 @@ def check_module_list(value, name: str) -> None:
         raise ValueError(f"{name} must be a list of module names (strings) or None, got {value!r}")
 
 
-class WeightOnlyConfig(HfCompressConfig):
-    """Fields shared by the weight-only methods that write the packed GPTQ layout (RTN, GPTQ)."""
+def check_type(value, types, name: str, what: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
-    fields = {"bits": 4, "group_size": -1, "sym": True, "modules_to_not_convert": None}
+
+class WeightOnlyConfig(HfCompressConfig):
+    """Fields shared by the weight-only methods that write the packed GPTQ layout (RTN, GPTQ).
+
+    ``checkpoint_format`` says how ``qzeros`` are stored on disk: ``"gptq"`` (the v1 convention the serving
+    ecosystem reads: zero code - 1) or ``"gptq_v2"`` (the zero code itself). In memory they are always exact.
+    """
+
+    fields = {"bits": 4, "group_size": -1, "sym": True, "modules_to_not_convert": None, "checkpoint_format": "gptq"}
+
+    def __init__(self, **kwargs):
+        if "checkpoint_format" not in kwargs and kwargs.get("format_version", FORMAT_VERSION) < 2:
+            kwargs["checkpoint_format"] = "gptq_v2"  # format 1 stored exact zero codes
+        super().__init__(**kwargs)
 
     def post_init(self) -> None:
         check_bits_and_group(self.bits, self.group_size)
-        if not isinstance(self.sym, bool):
-            raise ValueError(f"sym must be True or False, got {self.sym!r}")
+        check_type(self.sym, (bool,), "sym", "True or False")
         check_module_list(self.modules_to_not_convert, "modules_to_not_convert")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, got {self.checkpoint_format!r}")
 
 
 class RTNConfig(WeightOnlyConfig):
@@ -110,3 +127,56 @@ class RTNConfig(WeightOnlyConfig):
     """
 
     quant_method = "hf_compress_rtn"
+
+
+class GPTQConfig(WeightOnlyConfig):
+    """GPTQ: Hessian-based post-training weight quantization, calibrated layer by layer.
+
+    Args (written to ``config.json``):
+        bits, group_size, sym, modules_to_not_convert, checkpoint_format: as :class:`RTNConfig`.
+        desc_act: act-order, quantize columns in order of decreasing Hessian diagonal (``g_idx`` then maps
+            columns to groups out of order).
+        static_groups: with ``desc_act``, take every group's scale/zero from the weights before any update,
+            so groups stay contiguous in the original column order.
+        damp_percent: dampening added to the Hessian diagonal, as a fraction of its mean (default 0.01).
+        true_sequential: within a block, quantize the linears in the order they run (q/k/v, then o, then
+            up/gate, then down), recomputing inputs after each group.
+        n_samples, seqlen, seed: ``n_samples`` random windows of ``seqlen`` tokens drawn from the
+            calibration data under ``seed``; ``seqlen=None`` takes min(2048, the model's positions).
+        block_size: columns per lazy-batch update (128).
+    Runtime only (never written):
+        dataset: calibration data: a list of strings, a ``datasets.Dataset`` with a text column, a local
+            text file path, or token ids (a ``[n, seqlen]`` tensor or a list of 1-D tensors).
+        tokenizer: a tokenizer or its path (default: the model's own folder).
+    """
+
+    quant_method = "hf_compress_gptq"
+    fields = {
+        **WeightOnlyConfig.fields,
+        "desc_act": False,
+        "static_groups": False,
+        "damp_percent": 0.01,
+        "true_sequential": True,
+        "n_samples": 128,
+        "seqlen": None,
+        "seed": 0,
+        "block_size": 128,
+    }
+    runtime_fields = {"dataset": None, "tokenizer": None}
+
+    def post_init(self) -> None:
+        super().post_init()
+        for name in ("desc_act", "static_groups", "true_sequential"):
+            check_type(getattr(self, name), (bool,), name, "True or False")
+        check_type(self.damp_percent, (int, float), "damp_percent", "a number in [0, 1)")
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in [0, 1), got {self.damp_percent!r}")
+        for name in ("n_samples", "block_size"):
+            check_type(getattr(self, name), (int,), name, "a positive integer")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.seqlen is not None:
+            check_type(self.seqlen, (int,), "seqlen", "a positive integer or None")
+            if self.seqlen < 1:
+                raise ValueError(f"seqlen must be a positive integer or None, got {self.seqlen!r}")
+        check_type(self.seed, (int,), "seed", "an integer")

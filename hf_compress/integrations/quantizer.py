@@ -14,16 +14,18 @@ import os
 import struct
 
 import torch
+from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
+from ..methods.gptq import GPTQ
 from ..methods.rtn import rtn_quantize
 from ..nn.quant_linear import QuantLinear
-from ..quant.layout import QuantizedWeight, packed_shapes
-from .config import RTNConfig, WeightOnlyConfig
-from .modules import linear_shape, replace_linears, report_coverage, set_submodule
+from ..quant.layout import QuantizedWeight, packed_shapes, shift_zero_codes, unpack_qzeros
+from .config import GPTQConfig, RTNConfig, WeightOnlyConfig
+from .modules import float_weight, iter_linears, linear_shape, replace_linears, report_coverage, set_submodule
 
 logger = logging.get_logger(__name__)
 
@@ -65,6 +67,7 @@ class WeightOnlyHfQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: WeightOnlyConfig
+    scale_dtype: torch.dtype | None = None  # None: the model's dtype
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -99,32 +102,24 @@ class WeightOnlyHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, model._keep_in_fp32_modules, add_default_skips=True
         )
+        if not self.replaces_on_load:
+            if not any(True for _ in iter_linears(model, self.modules_to_not_convert)):
+                raise self.no_linears_error(model)
+            return
         quantized_numel = 0
 
         def make(name, module):
             nonlocal quantized_numel
             in_f, out_f = linear_shape(module)
             quantized_numel += in_f * out_f
-            layer = QuantLinear(
-                in_f,
-                out_f,
-                cfg.bits,
-                cfg.group_size,
-                bias=module.bias is not None,
-                dtype=module.weight.dtype,
-                device="meta",
-                source_is_conv1d=type(module).__name__ == "Conv1D",
-            )
+            layer = self.quant_linear_for(module, device="meta")
             if not self.pre_quantized:
                 layer.add_weight_placeholder()
             return layer
 
         replaced = replace_linears(model, make, self.modules_to_not_convert)
         if not replaced:
-            raise ValueError(
-                f"{type(model).__name__} has no linear layers to quantize (after skipping {sorted(self.modules_to_not_convert)}): "
-                "hf_compress quantizes nn.Linear and Conv1D layers"
-            )
+            raise self.no_linears_error(model)
         report_coverage(model, replaced, quantized_numel)
         # Some models' _init_weights re-initialise a child's `.weight` from the parent (GPT-2's c_proj). A parent
         # without parameters of its own has nothing else to initialise, so mark it done.
@@ -134,6 +129,34 @@ class WeightOnlyHfQuantizer(HfQuantizer):
                 parent._is_hf_initialized = True
         if self.pre_quantized and checkpoint_files:
             self.check_checkpoint(model, checkpoint_files)
+
+    @property
+    def replaces_on_load(self) -> bool:
+        """Whether the linears become QuantLinear before loading (always for a saved model; methods that
+        calibrate after loading keep the float layers until then)."""
+        return True
+
+    def no_linears_error(self, model) -> ValueError:
+        return ValueError(
+            f"{type(model).__name__} has no linear layers to quantize (after skipping {sorted(self.modules_to_not_convert)}): "
+            "hf_compress quantizes nn.Linear and Conv1D layers"
+        )
+
+    def quant_linear_for(self, module: nn.Module, device=None) -> QuantLinear:
+        """An empty QuantLinear with the shape, bias and dtype of the float ``module``."""
+        cfg = self.quantization_config
+        in_f, out_f = linear_shape(module)
+        return QuantLinear(
+            in_f,
+            out_f,
+            cfg.bits,
+            cfg.group_size,
+            bias=module.bias is not None,
+            dtype=module.weight.dtype,
+            device=device,
+            source_is_conv1d=type(module).__name__ == "Conv1D",
+            scale_dtype=self.scale_dtype,
+        )
 
     def check_checkpoint(self, model, checkpoint_files) -> None:
         """Refuse a checkpoint whose packed tensors contradict the config before reading any weight."""
@@ -148,8 +171,17 @@ class WeightOnlyHfQuantizer(HfQuantizer):
             if not isinstance(module, QuantLinear):
                 continue
             expected = packed_shapes(module.in_features, module.out_features, cfg.bits, cfg.group_size)
+            keys = {t: (f"{name}.{t}", f"{model.base_model_prefix}.{name}.{t}") for t in (*expected, "weight")}
+            found_shapes = {t: next((shapes[k] for k in ks if k in shapes), None) for t, ks in keys.items()}
+            missing = [t for t in expected if found_shapes[t] is None]
+            if missing and found_shapes["weight"] is None:
+                raise ValueError(
+                    f"checkpoint has no {', '.join(missing)} for the quantized layer {name} (found "
+                    f"{[t for t in expected if t not in missing] or 'nothing'}): the checkpoint is incomplete or "
+                    "was written for another model; re-export it with every packed tensor (qweight, qzeros, scales, g_idx)"
+                )
             for tensor, shape in expected.items():
-                found = next((shapes[k] for k in (f"{name}.{tensor}", f"{model.base_model_prefix}.{name}.{tensor}") if k in shapes), None)
+                found = found_shapes[tensor]
                 if found is not None and tuple(found) != shape:
                     raise ValueError(
                         f"checkpoint tensor {name}.{tensor} has shape {list(found)} but quantization_config "
@@ -157,7 +189,7 @@ class WeightOnlyHfQuantizer(HfQuantizer):
                         f"{module.in_features}->{module.out_features} layer: the config contradicts the packed "
                         "weights; fix quantization_config in config.json or re-quantize the model"
                     )
-            if f"{name}.weight" in shapes and f"{name}.qweight" not in shapes:
+            if found_shapes["weight"] is not None and found_shapes["qweight"] is None:
                 raise ValueError(
                     f"checkpoint stores {name}.weight in float but quantization_config says it is quantized: "
                     "add it to modules_to_not_convert or re-quantize the model"
@@ -165,6 +197,11 @@ class WeightOnlyHfQuantizer(HfQuantizer):
 
     # -- after loading ---------------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized and self.quantization_config.checkpoint_format == "gptq":
+            for module in model.modules():  # v1 checkpoints store zero - 1; in memory zeros are exact
+                if isinstance(module, QuantLinear) and module.qzeros.device.type != "meta":
+                    module.qzeros = shift_zero_codes(module.qzeros, module.bits, module.out_features, +1)
+                    module.invalidate_kernel_cache()
         if self.load_errors:
             errors, self.load_errors = self.load_errors, []
             raise ValueError("cannot quantize this model:\n  " + "\n  ".join(errors))
@@ -172,6 +209,27 @@ class WeightOnlyHfQuantizer(HfQuantizer):
         if left:
             raise ValueError(f"the checkpoint has no weight for {left[:5]}{'...' if len(left) > 5 else ''}: nothing to quantize")
         return model
+
+    # -- saving ------------------------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, model):
+        """The state dict with ``qzeros`` in the checkpoint's convention (v1 ``gptq``: zero - 1)."""
+        cfg = self.quantization_config
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        if getattr(model, "_hf_peft_config_loaded", False) or cfg.checkpoint_format != "gptq" or not layers:
+            return None, {}
+        if any(bool((unpack_qzeros(m.qzeros, m.bits, m.out_features) == 0).any()) for m in layers.values()):
+            logger.warning(
+                "some zero codes are 0, which the gptq (v1) checkpoint format cannot store: saving with "
+                "checkpoint_format='gptq_v2' (GPTQModel reads it; AutoGPTQ and vLLM may not)"
+            )
+            cfg.checkpoint_format = "gptq_v2"
+            return None, {}
+        state_dict = model.state_dict()
+        for name, m in layers.items():
+            key = f"{name}.qzeros"
+            if key in state_dict:
+                state_dict[key] = shift_zero_codes(m.qzeros, m.bits, m.out_features, -1)
+        return state_dict, {}
 
     def _dequantize(self, model, dtype=None):
         for name, module in list(model.named_modules()):
@@ -191,3 +249,88 @@ class RTNHfQuantizer(WeightOnlyHfQuantizer):
         return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, scale_dtype=module.scales.dtype)
 
 
+
+
+class GPTQHfQuantizer(WeightOnlyHfQuantizer):
+    """GPTQ: the float model loads as usual, then calibrates and quantizes block by block after loading."""
+
+    quantization_config: GPTQConfig
+    scale_dtype = torch.float16  # the GPTQ checkpoint layout the serving ecosystem reads
+
+    @property
+    def replaces_on_load(self) -> bool:
+        return self.pre_quantized
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            self.quantize_model(model)
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+    def calibration_tokens(self, model) -> torch.Tensor:
+        from .calibration import calibration_windows, default_seqlen
+
+        cfg = self.quantization_config
+        seqlen = cfg.seqlen or default_seqlen(model.config)
+        tokenizer = cfg.tokenizer
+        if isinstance(tokenizer, (str, os.PathLike)) or (tokenizer is None and isinstance(cfg.dataset, (str, list))):
+            from .loading import load_tokenizer
+
+            tokenizer = load_tokenizer(str(tokenizer or model.name_or_path))
+        return calibration_windows(cfg.dataset, tokenizer, cfg.n_samples, seqlen, seed=cfg.seed, config=model.config)
+
+    def quantize_model(self, model) -> dict[str, float]:
+        """Calibrate and quantize every convertible linear; returns each layer's relative output error."""
+        from .layerwise import compress_layerwise
+
+        cfg = self.quantization_config
+        windows = self.calibration_tokens(model)
+        errors: dict[str, float] = {}
+
+        def make_observer(linear):
+            return GPTQ(linear_shape(linear)[0])
+
+        def compress(name, linear, gptq):
+            weight = float_weight(linear).detach()
+            result = gptq.quantize(
+                weight,
+                cfg.bits,
+                cfg.group_size,
+                cfg.sym,
+                desc_act=cfg.desc_act,
+                static_groups=cfg.static_groups,
+                damp_percent=cfg.damp_percent,
+                block_size=cfg.block_size,
+                scale_dtype=self.scale_dtype,
+            )
+            errors[name] = result.relative_error
+            # The next linears and blocks must see this layer as it will run: quantized.
+            dequantized = result.weight.dequantize().to(weight.dtype)
+            linear.weight.data.copy_(dequantized.t() if type(linear).__name__ == "Conv1D" else dequantized)
+            layer = self.quant_linear_for(linear, device=weight.device)
+            layer.load_quantized(result.weight, bias=linear.bias)
+            return layer
+
+        was_training = model.training
+        model.eval()
+        done = compress_layerwise(
+            model,
+            windows,
+            make_observer=make_observer,
+            compress=compress,
+            skip=self.modules_to_not_convert,
+            true_sequential=cfg.true_sequential,
+            desc=f"GPTQ int{cfg.bits}",
+        )
+        model.train(was_training)
+        if not done:
+            raise self.no_linears_error(model)
+        worst = max(errors, key=errors.get)
+        logger.info(
+            "GPTQ quantized %d linear layers; relative output error mean %.3g, worst %.3g (%s)",
+            len(errors), sum(errors.values()) / len(errors), errors[worst], worst,
+        )
+        model.hf_compress_layer_errors = errors
+        return errors

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers.utils import logging
@@ -46,20 +47,15 @@ model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")
 """
 
 
-def save_compressed(model, output_dir, tokenizer=None, card: str | None = None, results: dict | None = None) -> Path:
-    """Write everything into a temporary sibling folder, then swap it in: a failure mid-write leaves the
-    previous contents of ``output_dir`` intact."""
+@contextmanager
+def atomic_dir(output_dir):
+    """Yield a temporary sibling folder to fill, then swap it in for ``output_dir``: a failure mid-write
+    leaves the previous contents of ``output_dir`` intact."""
     out = Path(output_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card)
-        if results is not None:
-            (tmp / EVAL_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        yield tmp
         backup = None
         if out.exists():
             backup = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -75,5 +71,18 @@ def save_compressed(model, output_dir, tokenizer=None, card: str | None = None, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_compressed(model, output_dir, tokenizer=None, card: str | None = None, results: dict | None = None) -> Path:
+    """``save_pretrained`` plus tokenizer, model card and measured results, written atomically (:func:`atomic_dir`)."""
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        if results is not None:
+            (tmp / EVAL_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    out = Path(output_dir).resolve()
     logger.info(f"saved compressed model to {out}")
     return out

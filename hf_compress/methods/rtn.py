@@ -38,11 +38,15 @@ def group_qparams(
     """Per-group scales (rounded to ``scale_dtype``, as stored) and unsigned zero codes, both ``[out, n_groups]``."""
     spec = weight_spec(bits, group_size, weight.shape[1], sym)
     lo, hi = reduce_minmax(weight.float(), spec)
-    if not sym:  # keep zero representable: the layout stores the zero point as an unsigned code
+    if not sym:
+        # Keep zero representable (the layout stores the zero point as an unsigned code) and the zero code
+        # >= 1: GPTQ v1 checkpoints store z - 1, which cannot hold z = 0. A group of non-negative weights
+        # gives up one level at the bottom for it.
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        lo = torch.minimum(lo, -hi / ((1 << bits) - 2))
     scale, zero = qparams_from_minmax(lo, hi, spec)
     scale = scale.to(scale_dtype)
-    zeros = (-zero).clamp(0, (1 << bits) - 1).to(torch.int32)
+    zeros = (-zero).clamp(1, (1 << bits) - 1).to(torch.int32)
     return scale, zeros
 
 

@@ -28,6 +28,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device=None,
         source_is_conv1d: bool = False,
+        scale_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -35,7 +36,7 @@ class QuantLinear(nn.Module):
         # GPT-2's Conv1D stores weight as [in, out]; remembered so dequantize() restores the original class.
         self.source_is_conv1d = source_is_conv1d
         for name, shape in packed_shapes(in_features, out_features, bits, group_size).items():
-            dt = dtype if name == "scales" else torch.int32
+            dt = (scale_dtype or dtype) if name == "scales" else torch.int32
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._kernel_cache: dict = {}
@@ -57,7 +58,8 @@ class QuantLinear(nn.Module):
         for name, tensor in qw.pack().items():
             setattr(self, name, tensor)
         if bias is not None:
-            self.bias = nn.Parameter(bias.detach().to(self.scales.dtype), requires_grad=False)
+            dtype = self.bias.dtype if self.bias is not None else self.scales.dtype
+            self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.invalidate_kernel_cache()
 
     def invalidate_kernel_cache(self) -> None:

@@ -7,8 +7,9 @@ For a linear layer with ``in_features`` inputs, ``out_features`` outputs and ``n
   zero codes up to whole words (to a multiple of 32 values at 3 bits, whose values cross words): e.g. 704
   inputs at 3 bits -> 66 rows, 100 inputs at 4 bits -> 13 rows.
 - ``qzeros`` int32 ``[n_groups, ceil(out*bits/32)]``: unsigned zero codes ``z`` packed along the output
-  dimension, padded the same way. ``z`` is stored exactly (GPTQModel's ``gptq_v2`` convention, not the
-  off-by-one ``z-1`` of AutoGPTQ v1 checkpoints).
+  dimension, padded the same way. In memory ``z`` is exact (GPTQModel's ``gptq_v2`` convention); on disk
+  checkpoints default to the ``gptq`` (v1) convention that AutoGPTQ, GPTQModel and vLLM read, ``z - 1``
+  (see :func:`shift_zero_codes`; our quantizers never produce ``z = 0``, which v1 cannot hold).
 - ``scales`` float ``[n_groups, out]``.
 - ``g_idx`` int32 ``[in]``: the group of every input column (``i // group_size`` unless act-order
   permuted it). With a group size that does not divide ``in`` the last group is shorter.
@@ -80,6 +81,13 @@ def unpack_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.
 def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """Zero codes as int32 ``[n_groups, out]``."""
     return unpack_bits(qzeros, bits, out_features, dim=1)
+
+
+def shift_zero_codes(qzeros: torch.Tensor, bits: int, out_features: int, delta: int) -> torch.Tensor:
+    """Repack ``qzeros`` with every zero code moved by ``delta`` modulo ``2**bits``: ``+1`` reads a v1
+    (``z - 1``) checkpoint, ``-1`` writes one. Modulo, because v1 writers store ``z = 0`` as all ones."""
+    z = (unpack_qzeros(qzeros, bits, out_features) + delta) % (1 << bits)
+    return pack_bits(z, bits, dim=1)
 
 
 def dequantize_layout(

@@ -1,0 +1,79 @@
+"""Calibration data: token windows for the layer-wise methods (GPTQ, and later SparseGPT, Wanda, static W8A8).
+
+Accepted sources: a local text file path, a list of strings, a string of text, a ``datasets.Dataset`` with a
+text column, or token ids (a ``[n, seqlen]`` tensor used as given, or 1-D tensors / lists of ids that are
+joined into one stream). Text is tokenized whole and ``n_samples`` windows of ``seqlen`` tokens are cut at
+random offsets drawn from a generator seeded with ``seed``, so the same seed and data give the same windows.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.utils import logging
+
+from ..eval._utils import max_positions
+from ..eval.data import resolve_text
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_SEQLEN = 2048
+
+
+def default_seqlen(config) -> int:
+    """min(2048, the model's positions): what ``seqlen=None`` means."""
+    limit = max_positions(config)
+    return min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+
+
+def _token_stream(data) -> torch.Tensor | None:
+    """A 1-D id stream if ``data`` is already tokens, else None."""
+    if isinstance(data, torch.Tensor):
+        if data.is_floating_point():
+            raise TypeError("calibration token ids must be an integer tensor, got a floating-point one")
+        return data.reshape(-1).long()
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, torch.Tensor) for d in data):
+        return torch.cat([_token_stream(d) for d in data])
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, (list, tuple)) for d in data):
+        if all(isinstance(i, int) for d in data for i in d):
+            return torch.tensor([i for d in data for i in d], dtype=torch.long)
+    return None
+
+
+def calibration_windows(
+    data, tokenizer, n_samples: int, seqlen: int, *, seed: int = 0, config=None
+) -> torch.Tensor:
+    """``[n_samples, seqlen]`` int64 token windows from ``data`` (see the module docstring).
+
+    Raises ``ValueError`` with the fix when the data is empty, holds fewer than ``n_samples * seqlen`` tokens,
+    or ``seqlen`` exceeds the model's positions (``config``).
+    """
+    if data is None:
+        raise ValueError(
+            "no calibration data: pass dataset=... (a text file path, a list of strings, a datasets.Dataset or token ids)"
+        )
+    if n_samples < 1 or seqlen < 1:
+        raise ValueError(f"n_samples and seqlen must be positive, got n_samples={n_samples}, seqlen={seqlen}")
+    limit = max_positions(config) if config is not None else None
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"seqlen={seqlen} exceeds the model's {limit} positions: pass seqlen <= {limit} (or seqlen=None for the default)"
+        )
+    if isinstance(data, torch.Tensor) and data.dim() == 2 and data.shape[1] == seqlen and data.shape[0] >= n_samples:
+        return data[:n_samples].long().clone()  # windows chosen by the caller: used as given
+    stream = _token_stream(data)
+    if stream is None:
+        text = resolve_text(data)
+        if not text.strip():
+            raise ValueError("the calibration data is empty: it holds no text")
+        if tokenizer is None:
+            raise ValueError("calibration text needs a tokenizer: pass tokenizer=... (or token ids as dataset=...)")
+        stream = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    asked = n_samples * seqlen
+    if stream.numel() < asked:
+        raise ValueError(
+            f"the calibration data has {stream.numel()} tokens, fewer than the n_samples * seqlen = {n_samples} * "
+            f"{seqlen} = {asked} asked for: pass more text or lower n_samples/seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen + 1, (n_samples,), generator=gen)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])

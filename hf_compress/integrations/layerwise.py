@@ -1,0 +1,237 @@
+"""The layer-wise driver: calibrate and compress a model one block at a time.
+
+1. Find the block list (the ``nn.ModuleList`` holding most of the weights whose every element contains a
+   linear layer: ``model.layers``, ``transformer.h``, ``encoder.layer``... no per-model table).
+2. Run the model on the calibration windows up to the first block and keep that block's inputs (hidden
+   states on the CPU, plus the keyword arguments the model passes to its layers: masks, positions).
+3. For each block: bring it onto the compute device (materialising accelerate-offloaded weights), observe
+   the inputs of its linears with forward hooks, compress them (with ``true_sequential``: one group of
+   linears sharing an input at a time, in the order they run, recomputing the inputs after each group),
+   run the block again to get the next block's inputs, and hand the block back compressed.
+
+Only one block's float weights are materialised at a time, so a model larger than the device (or than RAM,
+with disk offload) still compresses. The compression itself is a callback, so GPTQ, SparseGPT and Wanda
+share this driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils import logging
+
+from ..eval._utils import accepts_kwarg
+from .modules import linear_shape, set_submodule
+
+logger = logging.get_logger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks: the ``ModuleList`` with the most parameters whose every child has a linear layer."""
+    best, best_numel = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if not all(any(linear_shape(m) is not None for m in child.modules()) for child in module):
+            continue
+        numel = sum(p.numel() for p in module.parameters())
+        if numel > best_numel:
+            best, best_numel = (name, module), numel
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no list of blocks containing linear layers: the layer-wise methods "
+            "need a model made of repeated blocks (decoder or encoder layers)"
+        )
+    return best
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where the model computes: accelerate's execution device if dispatched, else its first parameter's device."""
+    hook = getattr(model, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _stop_at(block: nn.Module, store: list):
+    def hook(module, args, kwargs):
+        store.append((args[0] if args else kwargs.pop("hidden_states"), {k: v for k, v in kwargs.items()}))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, device) -> list:
+    """``[(hidden_states on CPU, layer kwargs)]``, one per calibration window, as the first block receives them."""
+    store: list = []
+    kwargs = {"use_cache": False} if accepts_kwarg(model, "use_cache") else {}
+    with _stop_at(block, store), torch.no_grad():
+        for row in windows:
+            ids = row.unsqueeze(0).to(device)
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            except _StopForward:
+                pass
+    if len(store) != len(windows):
+        raise RuntimeError("the first block did not run on every calibration window")
+    return [(h.to("cpu"), {k: v for k, v in kw.items() if k != "past_key_values"}) for h, kw in store]
+
+
+def _offload_hooks(module: nn.Module):
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", [hook]) if hook is not None else []
+        for h in hooks:
+            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+                yield sub, h
+
+
+def materialize(block: nn.Module, device) -> None:
+    """Load the block's weights onto ``device`` and drop its accelerate hooks: from here on it is ours."""
+    hooks = list(_offload_hooks(block))
+    if hooks or getattr(block, "_hf_hook", None) is not None:
+        from accelerate.hooks import remove_hook_from_module
+        from accelerate.utils import named_module_tensors, set_module_tensor_to_device
+
+        for sub, h in hooks:
+            names = named_module_tensors(sub, include_buffers=h.offload_buffers, recurse=h.place_submodules)
+            for name, _ in list(names):
+                set_module_tensor_to_device(sub, name, device, value=h.weights_map[name])
+        remove_hook_from_module(block, recurse=True)
+    block.to(device)
+
+
+def _observe(module, args, observer, stop: bool):
+    observer.add_batch(args[0])
+    if stop:
+        raise _StopForward
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def linear_groups(block: nn.Module, names: list[str], sample) -> list[list[str]]:
+    """``names`` grouped by shared input, in the order they run (q/k/v, o, gate/up, down for a Llama block)."""
+    calls: list[tuple[str, int]] = []
+    modules = {n: block.get_submodule(n) for n in names}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, args[0].data_ptr())))
+        for n, m in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            block(sample[0], **sample[1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen, last_ptr = set(), None
+    for n, ptr in calls:
+        if n in seen:
+            continue
+        seen.add(n)
+        if groups and ptr == last_ptr:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last_ptr = ptr
+    unused = [n for n in names if n not in seen]
+    if unused:
+        logger.warning("linear layers %s never ran on the calibration data and stay in float", unused)
+    return groups
+
+
+def compress_layerwise(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    make_observer: Callable[[nn.Module], object],
+    compress: Callable[[str, nn.Module, object], nn.Module],
+    skip: list[str] | None = None,
+    true_sequential: bool = True,
+    device=None,
+    desc: str = "compressing",
+) -> dict[str, nn.Module]:
+    """Compress every convertible linear of ``model`` block by block; returns ``{full name: new module}``.
+
+    ``make_observer(linear)`` returns an object with ``add_batch(x)`` fed the linear's inputs (linears that
+    share an input share one observer; its ``free()``, if any, runs after they are compressed);
+    ``compress(name, linear, observer)`` returns the compressed module and may change ``linear.weight`` in place
+    (e.g. to its dequantized value) so the next linears and blocks see the compressed block's outputs.
+    """
+    device = torch.device(device) if device is not None else execution_device(model)
+    prefix, blocks = find_blocks(model)
+    samples = capture_block_inputs(model, blocks[0], windows, device)
+    done: dict[str, nn.Module] = {}
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
+        home = next((p.device for p in block.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        materialize(block, device)
+        base = f"{prefix}.{i}"
+        names = [
+            n for n, m in block.named_modules() if linear_shape(m) is not None and should_convert_module(f"{base}.{n}", skip)
+        ]
+        on_device = [(_to(h, device), _to(kw, device)) for h, kw in samples]
+        groups = linear_groups(block, names, on_device[0])
+        # One pass per group (true_sequential: later groups see the earlier ones compressed), or one pass for all.
+        passes = [[g] for g in groups] if true_sequential else [groups]
+        for groups_in_pass in passes:
+            # Linears sharing an input share one observer (one Hessian for q/k/v), fed by the first of them.
+            observers = [make_observer(block.get_submodule(g[0])) for g in groups_in_pass]
+            # With one group per pass, stop the block once the group's input is seen: the rest is not needed.
+            stop = len(groups_in_pass) == 1
+            handles = [
+                block.get_submodule(g[0]).register_forward_pre_hook(partial(_observe, observer=o, stop=stop))
+                for g, o in zip(groups_in_pass, observers)
+            ]
+            try:
+                with torch.no_grad():
+                    for h, kw in on_device:
+                        try:
+                            block(h, **kw)
+                        except _StopForward:
+                            pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for g, observer in zip(groups_in_pass, observers):
+                for n in g:
+                    done[f"{base}.{n}"] = compress(f"{base}.{n}", block.get_submodule(n), observer)
+                if hasattr(observer, "free"):
+                    observer.free()
+        with torch.no_grad():
+            samples = [(_first(block(h, **kw)).to("cpu"), kw_cpu) for (h, kw), (_, kw_cpu) in zip(on_device, samples)]
+        for n in names:
+            if f"{base}.{n}" in done:
+                set_submodule(block, n, done[f"{base}.{n}"])
+        del on_device
+        block.to(home)  # one block on the compute device at a time
+    return done

@@ -1,0 +1,212 @@
+"""GPTQ (Frantar et al., 2022) on one linear layer, after IST-DASLab's ``gptq.py``.
+
+Calibration inputs give the Hessian ``H = 2/n X^T X`` of the layer's output error; columns of the weight
+are then quantized one at a time and each column's error is fed back into the columns not yet quantized
+through the upper Cholesky factor of ``H^-1`` (lazily, a block of columns at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.affine import QuantSpec, quantize
+from ..quant.layout import QuantizedWeight, check_bits, default_g_idx, num_groups
+from .rtn import check_finite, group_qparams
+
+logger = logging.getLogger(__name__)
+
+_DAMP_RETRIES = 4  # 10x, 100x, 1000x, 10000x the requested damping
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # sum over columns of the GPTQ loss (w - q)^2 / d^2 / 2 (with the damped Hessian)
+    relative_error: float  # tr(D H D^T) / tr(W H W^T), D = W - dequant, undamped H
+    damp: float  # the damping actually added to the diagonal of H
+
+
+def _upper_hinv(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``(H + damp*I)^-1``, or None when a factorisation fails."""
+    H = H.clone()
+    H.diagonal().add_(damp)
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if info.item() != 0 or not torch.isfinite(U).all():
+        return None
+    return U
+
+
+def _damped_hinv(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """``_upper_hinv`` with ``damp_percent`` x mean diagonal, retried with 10x the damping on failure."""
+    mean_diag = torch.diag(H).mean().item()
+    damp = damp_percent * mean_diag
+    Hinv = _upper_hinv(H, damp)
+    for _ in range(_DAMP_RETRIES):
+        if Hinv is not None:
+            break
+        damp = damp * 10 if damp > 0 else 0.01 * mean_diag  # damp_percent=0: start from the default 1%
+        logger.warning("GPTQ: Hessian not positive definite, retrying with damping %.3g", damp)
+        Hinv = _upper_hinv(H, damp)
+    if Hinv is None:
+        raise ValueError(
+            f"GPTQ: Cholesky of the Hessian failed even with damping {damp:.3g}: the calibration data is "
+            "degenerate; use more (or more varied) calibration samples or a larger damp_percent"
+        )
+    return Hinv.to(torch.float32), damp
+
+
+class GPTQ:
+    """Accumulates the Hessian of one linear layer's inputs and quantizes its weight with GPTQ."""
+
+    def __init__(self, in_features: int, device=None, hessian_dtype: torch.dtype = torch.float32):
+        if hessian_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"hessian_dtype must be torch.float32 or torch.float64, got {hessian_dtype}")
+        self.in_features = in_features
+        self.nsamples = 0
+        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, device=device, dtype=hessian_dtype)
+
+    def _hessian(self) -> torch.Tensor:
+        if self.H is None:
+            raise ValueError("this GPTQ object was freed: create a new one and feed it calibration data")
+        return self.H
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add calibration inputs ``x [..., in_features]``: every row (token) is one sample."""
+        H = self._hessian()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"add_batch expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}")
+        x = x.detach().reshape(-1, self.in_features).to(H.device, H.dtype)
+        m = x.shape[0]
+        if m == 0:
+            return
+        # running mean, scaled as gptq.py so H stays 2/n X^T X without ever holding X
+        H.mul_(self.nsamples / (self.nsamples + m))
+        self.nsamples += m
+        x = x * math.sqrt(2 / self.nsamples)
+        H.addmm_(x.t(), x)
+
+    def free(self) -> None:
+        self.H = None
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int = -1,
+        sym: bool = True,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        scale_dtype: torch.dtype | None = None,
+    ) -> GPTQResult:
+        """Quantize ``weight [out, in]``; the result is in the original column order (act-order via g_idx)."""
+        check_bits(bits)
+        if weight.dim() != 2:
+            raise ValueError(f"GPTQ expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+        if weight.shape[1] != self.in_features:
+            raise ValueError(
+                f"weight has {weight.shape[1]} input features but the Hessian was built for {self.in_features}"
+            )
+        H0 = self._hessian()
+        if self.nsamples == 0:
+            raise ValueError("no calibration data: call add_batch() with the layer's inputs before quantize()")
+        check_finite(weight)
+        check_finite(H0, "the Hessian (calibration activations)")
+        n_groups = num_groups(self.in_features, group_size)  # also validates group_size
+        if not (isinstance(block_size, int) and block_size > 0):
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if not (math.isfinite(damp_percent) and damp_percent >= 0):
+            raise ValueError(f"damp_percent must be a finite number >= 0, got {damp_percent!r}")
+        scale_dtype = scale_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+
+        dev, (out, n) = weight.device, weight.shape
+        gs = n if group_size == -1 else group_size
+        W = weight.detach().to(torch.float32).clone()
+        H = H0.to(dev).clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1  # an input that is always 0: any weight works, so make it 0 and keep H invertible
+        W[:, dead] = 0
+
+        scales = torch.empty(out, n_groups, dtype=scale_dtype, device=dev)
+        zeros = torch.empty(out, n_groups, dtype=torch.int32, device=dev)
+        if static_groups:  # params of the natural groups, fixed before any error feedback
+            scales, zeros = group_qparams(W, bits, group_size, sym, scale_dtype)
+        # act-order; stable so that ties (e.g. equal diagonals) keep the natural order on every device
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if desc_act else None
+        if perm is not None:
+            W, H = W[:, perm], H[perm][:, perm]
+        # group of each column in processing order, for the static lookups and the returned g_idx
+        natural = default_g_idx(n, group_size, device=dev)
+        col_group = (natural[perm] if perm is not None else natural).tolist() if static_groups else None
+
+        Hinv, damp = _damped_hinv(H, damp_percent)
+        del H
+
+        # rows = input columns: each column is then a contiguous row, which makes the per-column rank-1
+        # updates an order of magnitude faster than on strided [out, n] columns
+        Wt, Qt = W.t().contiguous(), torch.empty(n, out, dtype=torch.int32, device=dev)
+        del W
+        # codes_for's rounding (affine.quantize with unsigned codes, zero point -z) with its spec built once:
+        # per column, codes_for's spec construction and g_idx gathers would double the loop's cost
+        spec = QuantSpec(bits=bits, symmetric=False, signed=False)
+        round_dq = scale_dtype != torch.float32
+        if static_groups:
+            scales_f, neg_zeros = scales.float(), -zeros
+        diag = Hinv.diagonal().tolist()
+        loss = torch.zeros((), dtype=torch.float32, device=dev)
+        i1 = 0
+        while i1 < n:
+            i2 = min(i1 + block_size, n)
+            if not static_groups:
+                # a block never straddles a group start, so at each group start Wt holds every earlier
+                # column's error (gptq.py reads W there without the pending updates of its own block)
+                i2 = min(i2, (i1 // gs + 1) * gs)
+                if i1 % gs == 0:
+                    g = i1 // gs
+                    s, z = group_qparams(Wt[i1 : i1 + gs].t(), bits, -1, sym, scale_dtype)
+                    scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
+                    sf, nz = s.float(), -z
+            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
+            Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=dev)
+            for i in range(i2 - i1):
+                if static_groups:
+                    g = col_group[i1 + i]
+                    sf, nz = scales_f[:, g : g + 1], neg_zeros[:, g : g + 1]
+                w = W1[i]
+                q = quantize(w[:, None], sf, nz, spec)
+                # the stored scale, and dequant rounded to its dtype: exactly what dequantize() returns
+                dq = (q + nz).float().mul_(sf)
+                if round_dq:
+                    dq = dq.to(scale_dtype).float()
+                Qt[i1 + i] = q[:, 0]
+                err = (w - dq[:, 0]) / diag[i1 + i]
+                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+                Err1[i] = err
+            loss += Err1.square().sum() / 2
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # the lazy batch update
+            i1 = i2
+
+        if perm is None or static_groups:
+            g_idx = natural
+        else:
+            g_idx = torch.empty_like(natural)
+            g_idx[perm] = torch.arange(n, dtype=torch.int32, device=dev) // gs
+        Q = Qt.t() if perm is None else Qt[torch.argsort(perm)].t()
+        qw = QuantizedWeight(Q.contiguous(), scales, zeros, g_idx, bits, group_size)
+
+        Hu = H0.to(dev, torch.float32)
+        Wf = weight.detach().float()
+        D = Wf - qw.dequantize().float()
+        num, den = ((D @ Hu) * D).sum().item(), ((Wf @ Hu) * Wf).sum().item()
+        rel = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        loss_f = loss.item()
+        logger.debug("GPTQ %dx%d %d-bit: loss %.4g, relative error %.4g, damp %.3g", out, n, bits, loss_f, rel, damp)
+        return GPTQResult(qw, loss_f, rel, damp)
