@@ -27,6 +27,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from ..eval._utils import accepts_kwarg
+from ..nn.quant_linear import QuantLinear
 from .modules import linear_shape, set_submodule
 
 logger = logging.get_logger(__name__)
@@ -42,7 +43,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if not all(any(linear_shape(m) is not None for m in child.modules()) for child in module):
+        if not all(any(linear_shape(m) is not None or isinstance(m, QuantLinear) for m in child.modules()) for child in module):
             continue
         numel = sum(p.numel() for p in module.parameters())
         if numel > best_numel:
@@ -141,12 +142,10 @@ def _first(out):
 
 def linear_groups(block: nn.Module, names: list[str], sample) -> list[list[str]]:
     """``names`` grouped by shared input, in the order they run (q/k/v, o, gate/up, down for a Llama block)."""
-    calls: list[tuple[str, int]] = []
+    # The input tensors themselves are kept (not their addresses, which a freed tensor's successor may reuse).
+    calls: list[tuple[str, torch.Tensor]] = []
     modules = {n: block.get_submodule(n) for n in names}
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, args[0].data_ptr())))
-        for n, m in modules.items()
-    ]
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, args[0]))) for n, m in modules.items()]
     try:
         with torch.no_grad():
             block(sample[0], **sample[1])
@@ -154,16 +153,16 @@ def linear_groups(block: nn.Module, names: list[str], sample) -> list[list[str]]
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    seen, last_ptr = set(), None
-    for n, ptr in calls:
+    seen, last_input = set(), None
+    for n, x in calls:
         if n in seen:
             continue
         seen.add(n)
-        if groups and ptr == last_ptr:
+        if groups and x is last_input:
             groups[-1].append(n)
         else:
             groups.append([n])
-        last_ptr = ptr
+        last_input = x
     unused = [n for n in names if n not in seen]
     if unused:
         logger.warning("linear layers %s never ran on the calibration data and stay in float", unused)

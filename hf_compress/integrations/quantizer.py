@@ -327,6 +327,13 @@ class GPTQHfQuantizer(WeightOnlyHfQuantizer):
         model.train(was_training)
         if not done:
             raise self.no_linears_error(model)
+        # Linears outside the blocks (e.g. BERT's pooler) saw no calibration: they stay float, and the saved
+        # config says so, so a reload does not expect packed tensors for them.
+        left = [name for name, _ in iter_linears(model, self.modules_to_not_convert)]
+        if left:
+            logger.info("GPTQ keeps %d linear layers outside the blocks in float: %s", len(left), left)
+            cfg.modules_to_not_convert = sorted(set(cfg.modules_to_not_convert or []) | set(left))
+            self.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(left))
         worst = max(errors, key=errors.get)
         logger.info(
             "GPTQ quantized %d linear layers; relative output error mean %.3g, worst %.3g (%s)",
