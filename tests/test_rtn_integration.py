@@ -179,3 +179,14 @@ def test_mixtral_experts_skipped_with_coverage_warning(tiny_models, caplog):
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "mixture-of-experts" in msg and "% of the linear and expert weights are quantized" in msg
     assert torch.isfinite(outputs(model, token_batch())).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grid_is_gptqs(bits):
+    # zero code 2**(bits-1), step 2*absmax/(2**bits - 1): every code is used, as AutoGPTQ/GPTQModel do
+    from hf_compress.methods.rtn import group_qparams
+
+    w = torch.tensor([[-3.0, 1.0, 2.0, 0.5], [0.25, -0.5, 0.1, 0.0]])
+    scales, zeros = group_qparams(w, bits, -1, True, torch.float32)
+    assert torch.equal(zeros, torch.full((2, 1), 1 << (bits - 1), dtype=torch.int32))
+    assert torch.allclose(scales[:, 0], torch.tensor([3.0, 0.5]) * 2 / ((1 << bits) - 1))

@@ -19,6 +19,7 @@ just the GPTQ solves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -227,12 +228,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
-    import compressed_tensors
-    import datasets
-    import llmcompressor
-    import transformers
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM
+    # llm-compressor adds its loguru console sink on import, bound to whatever sys.stdout is then: import it
+    # with stdout pointed at stderr, so that stdout carries only the result JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        import compressed_tensors
+        import datasets
+        import llmcompressor
+        import transformers
+        from llmcompressor import oneshot
+        from transformers import AutoModelForCausalLM
 
     calib = load_calib(args.calib_tokens)
     eval_ids = load_eval(args.eval_tokens)
@@ -267,7 +271,9 @@ def main(argv=None) -> int:
         dataset=ds,
         recipe=recipe,
         num_calibration_samples=n_samples,
-        shuffle_calibration_samples=False,  # windows in file order (LengthAwareSampler: equal lengths)
+        # no shuffling: LengthAwareSampler yields every window exactly once (its order comes from a
+        # length sort, a tie here; the Hessians are sums, so the order only affects float rounding)
+        shuffle_calibration_samples=False,
         max_seq_length=seqlen,
         batch_size=args.batch_size,
         pipeline="sequential",  # one decoder layer at a time, errors propagated (its default for GPTQ)

@@ -90,18 +90,23 @@ def _to(obj, device):
     return obj
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, device) -> list:
-    """``[(hidden_states on CPU, layer kwargs)]``, one per calibration window, as the first block receives them."""
+TOKENS_PER_BATCH = 4096  # calibration windows run through a block together, up to this many tokens
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, device, batch_size: int = 1) -> list:
+    """``[(hidden_states on CPU, layer kwargs)]`` per batch of ``batch_size`` calibration windows, as the first
+    block receives them (the kwargs, e.g. masks, are built by the model for that batch)."""
     store: list = []
     kwargs = {"use_cache": False} if accepts_kwarg(model, "use_cache") else {}
+    batches = windows.split(batch_size)
     with _stop_at(block, store), torch.no_grad():
-        for row in windows:
-            ids = row.unsqueeze(0).to(device)
+        for batch in batches:
+            ids = batch.to(device)
             try:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
             except _StopForward:
                 pass
-    if len(store) != len(windows):
+    if len(store) != len(batches):
         raise RuntimeError("the first block did not run on every calibration window")
     return [(h.to("cpu"), {k: v for k, v in kw.items() if k != "past_key_values"}) for h, kw in store]
 
@@ -189,7 +194,8 @@ def compress_layerwise(
     """
     device = torch.device(device) if device is not None else execution_device(model)
     prefix, blocks = find_blocks(model)
-    samples = capture_block_inputs(model, blocks[0], windows, device)
+    batch_size = max(1, TOKENS_PER_BATCH // windows.shape[1])
+    samples = capture_block_inputs(model, blocks[0], windows, device, batch_size)
     done: dict[str, nn.Module] = {}
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
         home = next((p.device for p in block.parameters() if p.device.type != "meta"), torch.device("cpu"))

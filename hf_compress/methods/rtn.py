@@ -38,6 +38,14 @@ def group_qparams(
     """Per-group scales (rounded to ``scale_dtype``, as stored) and unsigned zero codes, both ``[out, n_groups]``."""
     spec = weight_spec(bits, group_size, weight.shape[1], sym)
     lo, hi = reduce_minmax(weight.float(), spec)
+    if sym:
+        # GPTQ's symmetric grid: zero code 2**(bits-1), step 2*absmax/(2**bits - 1), so all 2**bits codes are
+        # used (the top one clips +absmax by half a step, the bottom reaches -absmax - step/2).
+        absmax = torch.maximum(lo.abs(), hi.abs()).double()
+        qmax = (1 << bits) - 1
+        scale = (2 * absmax / qmax).clamp(min=torch.finfo(torch.float32).eps * absmax.clamp(min=1.0)).float()
+        zeros = torch.full_like(scale, 1 << (bits - 1), dtype=torch.int32)
+        return scale.to(scale_dtype), zeros
     if not sym:
         # Keep zero representable (the layout stores the zero point as an unsigned code) and the zero code
         # >= 1: GPTQ v1 checkpoints store z - 1, which cannot hold z = 0. A group of non-negative weights

@@ -1,0 +1,199 @@
+"""GPTQ benchmark: what GPTQ recovers over RTN on pydoc-llama-6m, and how it compares with llm-compressor.
+
+For fp32 and each of 4-bit g128, 4-bit per-channel, 3-bit g128, 2-bit g64 (symmetric): RTN, GPTQ, GPTQ with
+act-order. Calibration: ``--n-samples`` random windows of ``--seqlen`` tokens from pydoc-calib.txt (seed 0);
+perplexity on the first ``--max-tokens`` tokens of pydoc-heldout.txt (non-overlapping 256-token windows).
+Per row: perplexity, ratio to fp32, the share of RTN's loss GPTQ removes, quantization seconds (the
+``from_pretrained`` call, calibration included) and peak extra anonymous memory while quantizing.
+
+Side by side (unless ``--no-llmcompressor``): llm-compressor's GPTQModifier on the same model, the same
+calibration windows (written to a JSON file both read) and the same settings, run in its own venv
+(``bash benchmarks/llmcompressor/setup.sh``; see benchmarks/llmcompressor/README.md), alternating with ours
+setting by setting so both see the same machine load. Time and perplexity are compared as ratios.
+
+    python benchmarks/gptq.py                 # full grid (~10 min on 2 cores, ~20 with llm-compressor)
+    python benchmarks/gptq.py --quick         # 4-bit and 3-bit g128 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+CALIB = common.SHARED / "data" / "pydoc-calib.txt"
+LLMC_DIR = Path(__file__).resolve().parent / "llmcompressor"
+LLMC_PY = LLMC_DIR / ".venv" / "bin" / "python"
+SETTINGS_FULL = [(4, 128), (4, -1), (3, 128), (2, 64)]
+SETTINGS_QUICK = [(4, 128), (3, 128)]
+
+
+class PeakMemory:
+    """Peak anonymous RSS above the level at entry, sampled every 5 ms in a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = common.anon_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, common.anon_rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, common.anon_rss_bytes())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def label(bits, group_size) -> str:
+    return f"int{bits} {'per-channel' if group_size == -1 else f'g{group_size}'}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(common.PYDOC_MODEL))
+    p.add_argument("--calib", default=str(CALIB), help="calibration text (never the evaluation text)")
+    p.add_argument("--text", default=str(common.HELDOUT), help="evaluation text")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=20000)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-llmcompressor", action="store_true", help="skip the llm-compressor side-by-side rows")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(common.default_out("gptq")))
+    return p.parse_args(argv)
+
+
+def run_llmcompressor(args, calib_file, eval_file, bits, group_size, act_order, workdir) -> dict | None:
+    out = Path(workdir) / f"llmc-{bits}-{group_size}-{int(act_order)}.json"
+    cmd = [str(LLMC_PY), str(LLMC_DIR / "run_gptq.py"), "--model", args.model, "--calib-tokens", str(calib_file),
+           "--eval-tokens", str(eval_file), "--bits", str(bits), "--group-size", str(group_size), "--sym",
+           "--out", str(out)]
+    if act_order:
+        cmd.append("--act-order")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        print(f"llm-compressor run failed ({' '.join(cmd[-8:])}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.setup(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_compress import GPTQConfig, RTNConfig
+    from hf_compress.eval import load_text, perplexity
+    from hf_compress.eval.perplexity import tokenize_windows
+    from hf_compress.integrations.calibration import calibration_windows
+
+    if Path(args.calib).resolve() == Path(args.text).resolve():
+        raise SystemExit("refusing to calibrate on the evaluation text")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    text = load_text(args.text)
+    windows = calibration_windows(args.calib, tok, args.n_samples, args.seqlen, seed=0)
+    eval_ids = tokenize_windows(tok, text, seqlen=256, max_tokens=args.max_tokens)
+
+    def ppl(model) -> float:
+        return perplexity(model, tok, text, seqlen=256, max_tokens=args.max_tokens)
+
+    def timed_load(config):
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config)
+            seconds = time.perf_counter() - start
+        return model.eval(), seconds, mem.extra_mb
+
+    use_llmc = not args.no_llmcompressor and LLMC_PY.is_file()
+    if not args.no_llmcompressor and not use_llmc:
+        print(f"llm-compressor venv not found ({LLMC_PY}): run `bash benchmarks/llmcompressor/setup.sh`; skipping it")
+    workdir = Path(tempfile.mkdtemp(prefix="hfc-gptq-bench-"))
+    calib_file, eval_file = workdir / "calib.json", workdir / "eval.json"
+    calib_file.write_text(json.dumps(windows.tolist()))
+    eval_file.write_text(json.dumps(eval_ids.reshape(-1).tolist()))
+
+    fp32 = ppl(AutoModelForCausalLM.from_pretrained(args.model).eval())
+    rows = [{"setting": "fp32", "method": "float", "perplexity": fp32, "vs_fp32": 1.0}]
+    llmc_rows, floors = [], []
+    by_key: dict = {}
+    for bits, gs in SETTINGS_QUICK if args.quick else SETTINGS_FULL:
+        rtn_model, rtn_s, rtn_mb = timed_load(RTNConfig(bits=bits, group_size=gs))
+        rtn_ppl = ppl(rtn_model)
+        del rtn_model
+        rows.append({"setting": label(bits, gs), "method": "RTN", "perplexity": rtn_ppl, "vs_fp32": rtn_ppl / fp32,
+                     "quant_s": rtn_s, "peak_extra_mb": rtn_mb})
+        for act in (False, True):
+            cfg = GPTQConfig(bits=bits, group_size=gs, desc_act=act, dataset=windows, n_samples=args.n_samples,
+                             seqlen=args.seqlen)
+            model, seconds, mb = timed_load(cfg)
+            value = ppl(model)
+            del model
+            recovered = (rtn_ppl - value) / (rtn_ppl - fp32) if rtn_ppl > fp32 else None
+            name = "GPTQ act-order" if act else "GPTQ"
+            row = {"setting": label(bits, gs), "method": name, "perplexity": value, "vs_fp32": value / fp32,
+                   "rtn_loss_removed": recovered, "quant_s": seconds, "peak_extra_mb": mb}
+            rows.append(row)
+            by_key[(bits, gs, act)] = row
+            print(common.markdown_table([row], list(row)), flush=True)
+            if use_llmc:
+                theirs = run_llmcompressor(args, calib_file, eval_file, bits, gs, act, workdir)
+                if theirs:
+                    llmc_rows.append({
+                        "setting": label(bits, gs), "act_order": act,
+                        "llmc_perplexity": theirs["ppl_quant"], "ours_perplexity": value,
+                        "ppl_ours_over_llmc": value / theirs["ppl_quant"],
+                        "llmc_quant_s": theirs["quant_seconds"], "ours_quant_s": seconds,
+                        "time_ours_over_llmc": seconds / theirs["quant_seconds"],
+                        "llmc_fp32_perplexity": theirs["ppl_fp32"], "llmc_peak_rss_mb": theirs.get("peak_rss_mb"),
+                    })
+                    print(common.markdown_table(llmc_rows[-1:], list(llmc_rows[-1])), flush=True)
+        if (bits, gs) == (4, 128):
+            g4 = by_key[(4, 128, False)]["perplexity"]
+            floors.append(common.floor_row("GPTQ int4 g128 ppl / RTN int4 g128 ppl", g4 / rtn_ppl, "<=", 1.0))
+            floors.append(common.floor_row("GPTQ int4 g128 ppl / fp32 ppl", g4 / fp32, "<=", 1.03))
+            floors.append(common.floor_row(f"GPTQ quantization seconds ({args.n_samples} x {args.seqlen} tokens)",
+                                           by_key[(4, 128, False)]["quant_s"], "<=", 60.0, " s"))
+        if (bits, gs) == (3, 128):
+            floors.append(common.floor_row("GPTQ int3 g128: share of RTN's loss removed",
+                                           by_key[(3, 128, False)]["rtn_loss_removed"], ">=", 0.6))
+    for r in llmc_rows:
+        tag = f"{r['setting']}{' act-order' if r['act_order'] else ''}"
+        floors.append(common.floor_row(f"ppl ours / llm-compressor, {tag}", r["ppl_ours_over_llmc"], "<=", 1.0))
+        floors.append(common.floor_row(f"time ours / llm-compressor, {tag}", r["time_ours_over_llmc"], "<=", 0.5))
+
+    print("\n## Perplexity on pydoc-heldout.txt (pydoc-llama-6m)\n")
+    print(common.markdown_table(rows, ["setting", "method", "perplexity", "vs_fp32", "rtn_loss_removed", "quant_s", "peak_extra_mb"]))
+    if llmc_rows:
+        print("\n## Side by side with llm-compressor (same windows, same settings, alternating runs)\n")
+        print(common.markdown_table(llmc_rows, ["setting", "act_order", "ours_perplexity", "llmc_perplexity",
+                                                "ppl_ours_over_llmc", "ours_quant_s", "llmc_quant_s",
+                                                "time_ours_over_llmc", "llmc_fp32_perplexity"]))
+    print("\n## Floors\n")
+    print(common.markdown_table(floors, ["floor", "measured", "required", "status"]))
+    path = common.write_json(args.out, {"environment": common.environment(), "args": vars(args), "rows": rows,
+                                        "llmcompressor": llmc_rows, "floors": floors})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
