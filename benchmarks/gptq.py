@@ -18,6 +18,7 @@ setting by setting so both see the same machine load. Time and perplexity are co
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import subprocess
 import sys
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Idle OpenMP threads sleep instead of spinning: with spinning, any other busy process on a 2-core machine
+# makes these multi-minute runs (ours and llm-compressor's) several times slower and their timing meaningless.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common  # noqa: E402
 

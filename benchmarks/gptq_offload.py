@@ -12,6 +12,7 @@ before loading, as a fraction of the fp32 size (floor: <= 0.5), and whether the 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Idle OpenMP threads sleep instead of spinning: with spinning, any other busy process on a 2-core machine
+# makes these multi-minute runs (ours and llm-compressor's) several times slower and their timing meaningless.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common  # noqa: E402
 

@@ -251,13 +251,18 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     ppl_fp32, n_pred = perplexity(model, eval_ids, args.seqlen_eval, args.eval_batch_size)
-    print(f"fp32 perplexity {ppl_fp32:.4f} over {n_pred} predicted tokens ({time.perf_counter() - t0:.1f}s)",
-          file=sys.stderr)
+    print(
+        f"fp32 perplexity {ppl_fp32:.4f} over {n_pred} predicted tokens ({time.perf_counter() - t0:.1f}s)",
+        file=sys.stderr,
+    )
 
     ragged = ragged_layers(model, args.group_size)
     if ragged:
-        print(f"{len(ragged)} layers have a width not divisible by group_size={args.group_size} "
-              f"(e.g. {ragged[0]}): last group shorter (ragged-group shim)", file=sys.stderr)
+        print(
+            f"{len(ragged)} layers have a width not divisible by group_size={args.group_size} "
+            f"(e.g. {ragged[0]}): last group shorter (ragged-group shim)",
+            file=sys.stderr,
+        )
         enable_ragged_groups()
 
     ds = datasets.Dataset.from_dict({"input_ids": calib, "attention_mask": [[1] * seqlen for _ in calib]})
@@ -308,6 +313,7 @@ def main(argv=None) -> int:
         "eval_tokens": len(eval_ids),
         "eval_predicted_tokens": n_pred,
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "quant_seconds": quant_seconds,
         "ppl_fp32": ppl_fp32,
         "ppl_quant": ppl_quant,

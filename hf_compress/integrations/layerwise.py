@@ -16,6 +16,8 @@ share this driver.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
@@ -90,7 +92,7 @@ def _to(obj, device):
     return obj
 
 
-TOKENS_PER_BATCH = 4096  # calibration windows run through a block together, up to this many tokens
+TOKENS_PER_BATCH = 2048  # calibration windows run through a block together, up to this many tokens
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, device, batch_size: int = 1) -> list:
@@ -133,6 +135,16 @@ def materialize(block: nn.Module, device) -> None:
                 set_module_tensor_to_device(sub, name, device, value=h.weights_map[name])
         remove_hook_from_module(block, recurse=True)
     block.to(device)
+
+
+def release_memory() -> None:
+    """Free the block just compressed before the next one loads: its float layers sit in reference cycles
+    (gc), and glibc keeps freed pages of its worker-thread arenas unless asked to return them (malloc_trim)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _observe(module, args, observer, stop: bool):
@@ -239,4 +251,5 @@ def compress_layerwise(
                 set_submodule(block, n, done[f"{base}.{n}"])
         del on_device
         block.to(home)  # one block on the compute device at a time
+        release_memory()
     return done

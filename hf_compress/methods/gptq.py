@@ -32,12 +32,17 @@ class GPTQResult:
 
 def _upper_hinv(H: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of ``(H + damp*I)^-1``, or None when a factorisation fails."""
-    H = H.clone()
+    # Damped in place and restored (no copy), intermediates dropped as soon as used: for a 5632-wide layer
+    # each n x n matrix is 127 MB.
     H.diagonal().add_(damp)
     L, info = torch.linalg.cholesky_ex(H)
+    H.diagonal().sub_(damp)
     if info.item() != 0:
         return None
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    del Hinv
     if info.item() != 0 or not torch.isfinite(U).all():
         return None
     return U
