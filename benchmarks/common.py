@@ -245,6 +245,50 @@ def anon_rss_bytes() -> int:
     return 0
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux ``VmRSS``: anonymous and file-backed), 0 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak resident (``peak``) and anonymous (``peak_anon``) memory while the block runs, sampled every 5 ms
+    in a thread; ``base`` is the resident memory at entry."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = rss_bytes()
+        self.peak_anon = anon_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.sample()
+
+    def sample(self):
+        self.peak = max(self.peak, rss_bytes())
+        self.peak_anon = max(self.peak_anon, anon_rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
 # -- output -----------------------------------------------------------------------------------------------
 def fmt(v) -> str:
     if v is None:

@@ -18,12 +18,11 @@ setting by setting so both see the same machine load. Time and perplexity are co
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,30 +38,6 @@ LLMC_DIR = Path(__file__).resolve().parent / "llmcompressor"
 LLMC_PY = LLMC_DIR / ".venv" / "bin" / "python"
 SETTINGS_FULL = [(4, 128), (4, -1), (3, 128), (2, 64)]
 SETTINGS_QUICK = [(4, 128), (3, 128)]
-
-
-class PeakMemory:
-    """Peak anonymous RSS above the level at entry, sampled every 5 ms in a thread."""
-
-    def __enter__(self):
-        self.base = self.peak = common.anon_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, common.anon_rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, common.anon_rss_bytes())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def label(bits, group_size) -> str:
@@ -121,7 +96,7 @@ def main(argv=None) -> int:
         return perplexity(model, tok, text, seqlen=256, max_tokens=args.max_tokens)
 
     def timed_load(config):
-        with PeakMemory() as mem:
+        with common.PeakMemory() as mem:
             start = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config)
             seconds = time.perf_counter() - start

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,33 +42,6 @@ print(sum(p.numel() for p in model.parameters()) * 4)
 """
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    def __enter__(self):
-        self.base = self.peak = rss_bytes()
-        self.peak_anon = common.anon_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-            self.peak_anon = max(self.peak_anon, common.anon_rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -93,7 +65,7 @@ def main(argv=None) -> int:
 
     ids = torch.randint(3, 32000, (args.n_samples, args.seqlen), generator=torch.Generator().manual_seed(0))
     config = GPTQConfig(bits=4, group_size=128, dataset=ids, n_samples=args.n_samples, seqlen=args.seqlen)
-    with PeakRSS() as mem:
+    with common.PeakMemory() as mem:
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(ckpt, device_map={"": "disk"}, offload_folder=str(offload),
                                                      quantization_config=config)

@@ -7,8 +7,8 @@
 
 __version__ = "0.1.0"
 
-from .integrations import GPTQConfig, HfCompressConfig, RTNConfig  # noqa: E402  (registers the methods)
 from .formats.gptq import export_gptq, load_gptq  # noqa: E402
+from .integrations import GPTQConfig, HfCompressConfig, RTNConfig  # noqa: E402  (registers the methods)
 from .nn.quant_linear import QuantLinear  # noqa: E402
 
 __all__ = ["GPTQConfig", "HfCompressConfig", "QuantLinear", "RTNConfig", "__version__", "export_gptq", "load_gptq"]

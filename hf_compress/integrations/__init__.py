@@ -3,11 +3,10 @@
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
+    AutoHfQuantizer,
     register_quantization_config,
     register_quantizer,
 )
-
-from transformers.quantizers.auto import AutoHfQuantizer
 
 from .config import GPTQConfig, HfCompressConfig, RTNConfig
 from .quantizer import GPTQHfQuantizer, RTNHfQuantizer

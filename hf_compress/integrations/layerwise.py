@@ -227,7 +227,7 @@ def compress_layerwise(
             stop = len(groups_in_pass) == 1
             handles = [
                 block.get_submodule(g[0]).register_forward_pre_hook(partial(_observe, observer=o, stop=stop))
-                for g, o in zip(groups_in_pass, observers)
+                for g, o in zip(groups_in_pass, observers, strict=True)
             ]
             try:
                 with torch.no_grad():
@@ -239,13 +239,13 @@ def compress_layerwise(
             finally:
                 for handle in handles:
                     handle.remove()
-            for g, observer in zip(groups_in_pass, observers):
+            for g, observer in zip(groups_in_pass, observers, strict=True):
                 for n in g:
                     done[f"{base}.{n}"] = compress(f"{base}.{n}", block.get_submodule(n), observer)
                 if hasattr(observer, "free"):
                     observer.free()
         with torch.no_grad():
-            samples = [(_first(block(h, **kw)).to("cpu"), kw_cpu) for (h, kw), (_, kw_cpu) in zip(on_device, samples)]
+            samples = [(_first(block(h, **kw)).to("cpu"), kw_cpu) for (h, kw), (_, kw_cpu) in zip(on_device, samples, strict=True)]
         for n in names:
             if f"{base}.{n}" in done:
                 set_submodule(block, n, done[f"{base}.{n}"])
