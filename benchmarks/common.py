@@ -314,12 +314,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def floor_row(name: str, value, op: str, limit: float, unit: str = "") -> dict:
     """One floor check: ``value op limit`` with op ``<=`` or ``>=``; ``value`` None means not measured."""
-    if value is None or value != value:
-        status = "n/a"
-    else:
-        ok = value <= limit if op == "<=" else value >= limit
-        status = "PASS" if ok else "FAIL"
-    return {"floor": name, "measured": value, "required": f"{op} {limit:g}{unit}", "status": status}
+    return {"floor": name, "measured": value, "required": f"{op} {limit:g}{unit}", "status": pass_fail(value, op, limit)}
 
 
 def pass_fail(value, op: str, limit: float) -> str:
