@@ -232,29 +232,27 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def anon_rss_bytes() -> int:
-    """Anonymous resident memory of this process (Linux ``RssAnon``), 0 if unknown. File-backed pages (weights
-    memory-mapped from a safetensors file, counted once per mapping in plain RSS) are left out."""
+def _status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``RssAnon``...) in bytes, 0 if unknown (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def anon_rss_bytes() -> int:
+    """Anonymous resident memory of this process (Linux ``RssAnon``), 0 if unknown. File-backed pages (weights
+    memory-mapped from a safetensors file, counted once per mapping in plain RSS) are left out."""
+    return _status_bytes("RssAnon")
 
 
 def rss_bytes() -> int:
     """Resident memory of this process (Linux ``VmRSS``: anonymous and file-backed), 0 if unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _status_bytes("VmRSS")
 
 
 class PeakMemory:
