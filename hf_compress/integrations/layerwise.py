@@ -186,11 +186,30 @@ def linear_groups(block: nn.Module, names: list[str], sample) -> list[list[str]]
     return groups
 
 
+def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], object]]) -> None:
+    """Run ``block`` on ``inputs`` feeding each group's observer the input of its first linear."""
+    # With one group, stop the block once its input is seen: the rest is not needed.
+    stop = len(groups) == 1
+    handles = [
+        block.get_submodule(g[0]).register_forward_pre_hook(partial(_observe, observer=o, stop=stop)) for g, o in groups
+    ]
+    try:
+        with torch.no_grad():
+            for h, kw in inputs:
+                try:
+                    block(h, **kw)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def compress_layerwise(
     model: nn.Module,
     windows: torch.Tensor,
     *,
-    make_observer: Callable[[nn.Module], object],
+    make_observer: Callable[[list[nn.Module]], object],
     compress: Callable[[str, nn.Module, object], nn.Module],
     skip: list[str] | None = None,
     true_sequential: bool = True,
@@ -199,8 +218,9 @@ def compress_layerwise(
 ) -> dict[str, nn.Module]:
     """Compress every convertible linear of ``model`` block by block; returns ``{full name: new module}``.
 
-    ``make_observer(linear)`` returns an object with ``add_batch(x)`` fed the linear's inputs (linears that
-    share an input share one observer; its ``free()``, if any, runs after they are compressed);
+    ``make_observer(linears)`` returns an object with ``add_batch(x)`` fed the inputs of ``linears`` (a group
+    sharing one input, in execution order). After each pass over the block's inputs, an observer whose
+    ``another_pass()`` returns True is fed them again. Its ``free()``, if any, runs after the group is compressed.
     ``compress(name, linear, observer)`` returns the compressed module and may change ``linear.weight`` in place
     (e.g. to its dequantized value) so the next linears and blocks see the compressed block's outputs.
     """
@@ -222,23 +242,11 @@ def compress_layerwise(
         passes = [[g] for g in groups] if true_sequential else [groups]
         for groups_in_pass in passes:
             # Linears sharing an input share one observer (one Hessian for q/k/v), fed by the first of them.
-            observers = [make_observer(block.get_submodule(g[0])) for g in groups_in_pass]
-            # With one group per pass, stop the block once the group's input is seen: the rest is not needed.
-            stop = len(groups_in_pass) == 1
-            handles = [
-                block.get_submodule(g[0]).register_forward_pre_hook(partial(_observe, observer=o, stop=stop))
-                for g, o in zip(groups_in_pass, observers, strict=True)
-            ]
-            try:
-                with torch.no_grad():
-                    for h, kw in on_device:
-                        try:
-                            block(h, **kw)
-                        except _StopForward:
-                            pass
-            finally:
-                for handle in handles:
-                    handle.remove()
+            observers = [make_observer([block.get_submodule(n) for n in g]) for g in groups_in_pass]
+            pending = list(zip(groups_in_pass, observers, strict=True))
+            while pending:  # an observer may ask for another pass over the same inputs (e.g. SmoothQuant + static)
+                _observe_pass(block, on_device, pending)
+                pending = [(g, o) for g, o in pending if getattr(o, "another_pass", lambda: False)()]
             for g, observer in zip(groups_in_pass, observers, strict=True):
                 for n in g:
                     done[f"{base}.{n}"] = compress(f"{base}.{n}", block.get_submodule(n), observer)

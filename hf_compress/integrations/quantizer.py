@@ -30,18 +30,21 @@ from .modules import float_weight, iter_linears, linear_shape, replace_linears, 
 logger = logging.get_logger(__name__)
 
 
-def safetensors_shapes(path: str) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (reads only the header, never the data)."""
+def safetensors_header(path: str) -> dict[str, tuple[list[int], str]]:
+    """``{name: (shape, dtype)}`` from a safetensors header (reads only the header, never the data)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return {k: (v["shape"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class QuantizeOnLoad(ConversionOps):
-    """Turns one float ``weight`` into the packed tensors of its :class:`QuantLinear`."""
+    """Turns one float ``weight`` into the stored tensors of its compressed layer."""
 
-    def __init__(self, hf_quantizer: WeightOnlyHfQuantizer):
+    def __init__(self, hf_quantizer: CompressedHfQuantizer):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
@@ -51,23 +54,28 @@ class QuantizeOnLoad(ConversionOps):
         prefix = key.rpartition(".")[0]
         weight = value.t() if module.source_is_conv1d else value
         try:
-            qw = self.hf_quantizer.quantize_weight(prefix, weight, module)
+            tensors = self.hf_quantizer.quantized_tensors(prefix, weight, module)
         except ValueError as e:
             # transformers turns conversion errors into a generic RuntimeError; keep ours and raise it after loading.
             self.hf_quantizer.load_errors.append(f"{key}: {e}")
-            qw = rtn_quantize(torch.zeros_like(weight, dtype=module.scales.dtype), module.bits, module.group_size)
-        module._parameters.pop("weight", None)
+            tensors = self.hf_quantizer.quantized_tensors(prefix, torch.zeros_like(weight), module)
+        module.drop_weight_placeholder()
         if missing_keys is not None:
             missing_keys.discard(key)
-        return {f"{prefix}.{name}": t for name, t in qw.pack().items()}
+        return {f"{prefix}.{name}": t for name, t in tensors.items()}
 
 
-class WeightOnlyHfQuantizer(HfQuantizer):
-    """Shared by every method that stores the packed weight-only layout; subclasses define ``quantize_weight``."""
+class CompressedHfQuantizer(HfQuantizer):
+    """What every hf_compress quantizer shares: swap the linears before loading, quantize each float weight
+    as it loads (or reload the stored tensors, checked against the config first), dequantize.
+
+    Subclasses set ``layer_types`` and define ``layer_for`` (an empty compressed layer for a float linear),
+    ``expected_tensors`` (what a checkpoint must hold for a layer) and ``quantized_tensors`` (a float
+    weight's stored tensors).
+    """
 
     requires_calibration = False
-    quantization_config: WeightOnlyConfig
-    scale_dtype: torch.dtype | None = None  # None: the model's dtype
+    layer_types: tuple[type, ...] = ()
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -88,13 +96,23 @@ class WeightOnlyHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
-        return not self.pre_quantized and isinstance(module, QuantLinear) and name == "weight"
+        return not self.pre_quantized and isinstance(module, self.layer_types) and name == "weight"
 
     def get_quantize_ops(self):
         return QuantizeOnLoad(self)
 
-    def quantize_weight(self, name: str, weight: torch.Tensor, module: QuantLinear) -> QuantizedWeight:
+    def quantized_tensors(self, name: str, weight: torch.Tensor, module: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def layer_for(self, module: nn.Module, device=None) -> nn.Module:
+        raise NotImplementedError
+
+    def expected_tensors(self, module: nn.Module) -> dict[str, tuple[tuple[int, ...], str | None]]:
+        """``{tensor: (shape, safetensors dtype or None)}`` a checkpoint must hold for ``module``."""
+        raise NotImplementedError
+
+    def describe_config(self) -> str:
+        return type(self.quantization_config).__name__
 
     # -- before loading: swap the layers ----------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
@@ -112,7 +130,7 @@ class WeightOnlyHfQuantizer(HfQuantizer):
             nonlocal quantized_numel
             in_f, out_f = linear_shape(module)
             quantized_numel += in_f * out_f
-            layer = self.quant_linear_for(module, device="meta")
+            layer = self.layer_for(module, device="meta")
             if not self.pre_quantized:
                 layer.add_weight_placeholder()
             return layer
@@ -142,7 +160,79 @@ class WeightOnlyHfQuantizer(HfQuantizer):
             "hf_compress quantizes nn.Linear and Conv1D layers"
         )
 
-    def quant_linear_for(self, module: nn.Module, device=None) -> QuantLinear:
+    def check_checkpoint(self, model, checkpoint_files) -> None:
+        """Refuse a checkpoint whose stored tensors contradict the config before reading any weight."""
+        header = {}
+        for f in checkpoint_files:
+            if str(f).endswith(".safetensors") and os.path.isfile(f):
+                header.update(safetensors_header(f))
+        if not header:
+            return
+        for name, module in model.named_modules():
+            if not isinstance(module, self.layer_types):
+                continue
+            expected = self.expected_tensors(module)
+
+            def find(t, name=name):
+                return next((header[k] for k in (f"{name}.{t}", f"{model.base_model_prefix}.{name}.{t}") if k in header), None)
+
+            found = {t: find(t) for t in expected}
+            weight = found["weight"] if "weight" in found else find("weight")
+            if weight is not None and weight[1] in FLOAT_DTYPES and expected.get("weight", (None, None))[1] not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"checkpoint stores {name}.weight in float but quantization_config says it is quantized: "
+                    "add it to modules_to_not_convert or re-quantize the model"
+                )
+            missing = [t for t in expected if found[t] is None]
+            if missing:
+                raise ValueError(
+                    f"checkpoint has no {', '.join(missing)} for the quantized layer {name} (found "
+                    f"{[t for t in expected if t not in missing] or 'nothing'}): the checkpoint is incomplete or "
+                    f"was written for another model; re-export it with every stored tensor ({', '.join(expected)})"
+                )
+            for tensor, (shape, _) in expected.items():
+                if tuple(found[tensor][0]) != tuple(shape):
+                    raise ValueError(
+                        f"checkpoint tensor {name}.{tensor} has shape {list(found[tensor][0])} but quantization_config "
+                        f"({self.describe_config()}) expects {list(shape)} for a {module.in_features}->{module.out_features} "
+                        "layer: the config contradicts the stored weights; fix quantization_config in config.json or "
+                        "re-quantize the model"
+                    )
+
+    # -- after loading ---------------------------------------------------------------------------------------
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.load_errors:
+            errors, self.load_errors = self.load_errors, []
+            raise ValueError("cannot quantize this model:\n  " + "\n  ".join(errors))
+        left = [n for n, m in model.named_modules() if isinstance(m, self.layer_types) and "weight" in m._parameters]
+        if left:
+            raise ValueError(f"the checkpoint has no weight for {left[:5]}{'...' if len(left) > 5 else ''}: nothing to quantize")
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, self.layer_types):
+                layer = module.to_float()
+                if dtype is not None:
+                    layer = layer.to(dtype)
+                set_submodule(model, name, layer)
+        return model
+
+
+class WeightOnlyHfQuantizer(CompressedHfQuantizer):
+    """Shared by every method that stores the packed weight-only GPTQ layout; subclasses define ``quantize_weight``."""
+
+    quantization_config: WeightOnlyConfig
+    layer_types = (QuantLinear,)
+    scale_dtype: torch.dtype | None = None  # None: the model's dtype
+
+    def quantize_weight(self, name: str, weight: torch.Tensor, module: QuantLinear) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def quantized_tensors(self, name, weight, module):
+        return self.quantize_weight(name, weight, module).pack()
+
+    def layer_for(self, module: nn.Module, device=None) -> QuantLinear:
         """An empty QuantLinear with the shape, bias and dtype of the float ``module``."""
         cfg = self.quantization_config
         in_f, out_f = linear_shape(module)
@@ -158,57 +248,21 @@ class WeightOnlyHfQuantizer(HfQuantizer):
             scale_dtype=self.scale_dtype,
         )
 
-    def check_checkpoint(self, model, checkpoint_files) -> None:
-        """Refuse a checkpoint whose packed tensors contradict the config before reading any weight."""
-        shapes = {}
-        for f in checkpoint_files:
-            if str(f).endswith(".safetensors") and os.path.isfile(f):
-                shapes.update(safetensors_shapes(f))
-        if not shapes:
-            return
+    def expected_tensors(self, module):
         cfg = self.quantization_config
-        for name, module in model.named_modules():
-            if not isinstance(module, QuantLinear):
-                continue
-            expected = packed_shapes(module.in_features, module.out_features, cfg.bits, cfg.group_size)
-            keys = {t: (f"{name}.{t}", f"{model.base_model_prefix}.{name}.{t}") for t in (*expected, "weight")}
-            found_shapes = {t: next((shapes[k] for k in ks if k in shapes), None) for t, ks in keys.items()}
-            missing = [t for t in expected if found_shapes[t] is None]
-            if missing and found_shapes["weight"] is None:
-                raise ValueError(
-                    f"checkpoint has no {', '.join(missing)} for the quantized layer {name} (found "
-                    f"{[t for t in expected if t not in missing] or 'nothing'}): the checkpoint is incomplete or "
-                    "was written for another model; re-export it with every packed tensor (qweight, qzeros, scales, g_idx)"
-                )
-            for tensor, shape in expected.items():
-                found = found_shapes[tensor]
-                if found is not None and tuple(found) != shape:
-                    raise ValueError(
-                        f"checkpoint tensor {name}.{tensor} has shape {list(found)} but quantization_config "
-                        f"(bits={cfg.bits}, group_size={cfg.group_size}) expects {list(shape)} for a "
-                        f"{module.in_features}->{module.out_features} layer: the config contradicts the packed "
-                        "weights; fix quantization_config in config.json or re-quantize the model"
-                    )
-            if found_shapes["weight"] is not None and found_shapes["qweight"] is None:
-                raise ValueError(
-                    f"checkpoint stores {name}.weight in float but quantization_config says it is quantized: "
-                    "add it to modules_to_not_convert or re-quantize the model"
-                )
+        return {t: (shape, None) for t, shape in packed_shapes(module.in_features, module.out_features, cfg.bits, cfg.group_size).items()}
 
-    # -- after loading ---------------------------------------------------------------------------------------
+    def describe_config(self) -> str:
+        cfg = self.quantization_config
+        return f"bits={cfg.bits}, group_size={cfg.group_size}"
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized and self.quantization_config.checkpoint_format == "gptq":
             for module in model.modules():  # v1 checkpoints store zero - 1; in memory zeros are exact
                 if isinstance(module, QuantLinear) and module.qzeros.device.type != "meta":
                     module.qzeros = shift_zero_codes(module.qzeros, module.bits, module.out_features, +1)
                     module.invalidate_kernel_cache()
-        if self.load_errors:
-            errors, self.load_errors = self.load_errors, []
-            raise ValueError("cannot quantize this model:\n  " + "\n  ".join(errors))
-        left = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and "weight" in m._parameters]
-        if left:
-            raise ValueError(f"the checkpoint has no weight for {left[:5]}{'...' if len(left) > 5 else ''}: nothing to quantize")
-        return model
+        return super()._process_model_after_weight_loading(model, **kwargs)
 
     # -- saving ------------------------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):
@@ -230,15 +284,6 @@ class WeightOnlyHfQuantizer(HfQuantizer):
             if key in state_dict:
                 state_dict[key] = shift_zero_codes(m.qzeros, m.bits, m.out_features, -1)
         return state_dict, {}
-
-    def _dequantize(self, model, dtype=None):
-        for name, module in list(model.named_modules()):
-            if isinstance(module, QuantLinear):
-                layer = module.to_float()
-                if dtype is not None:
-                    layer = layer.to(dtype)
-                set_submodule(model, name, layer)
-        return model
 
 
 class RTNHfQuantizer(WeightOnlyHfQuantizer):
@@ -289,8 +334,8 @@ class GPTQHfQuantizer(WeightOnlyHfQuantizer):
         windows = self.calibration_tokens(model)
         errors: dict[str, float] = {}
 
-        def make_observer(linear):
-            return GPTQ(linear_shape(linear)[0])
+        def make_observer(linears):
+            return GPTQ(linear_shape(linears[0])[0])
 
         def compress(name, linear, gptq):
             weight = float_weight(linear).detach()
@@ -309,7 +354,7 @@ class GPTQHfQuantizer(WeightOnlyHfQuantizer):
             # The next linears and blocks must see this layer as it will run: quantized.
             dequantized = result.weight.dequantize().to(weight.dtype)
             linear.weight.data.copy_(dequantized.t() if type(linear).__name__ == "Conv1D" else dequantized)
-            layer = self.quant_linear_for(linear, device=weight.device)
+            layer = self.layer_for(linear, device=weight.device)
             layer.load_quantized(result.weight, bias=linear.bias)
             return layer
 

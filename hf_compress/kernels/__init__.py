@@ -31,6 +31,7 @@ from .unpack import dequantize
 
 __all__ = [
     "BACKENDS",
+    "int8_linear",
     "backend_for",
     "dequantize",
     "quant_linear",
@@ -40,9 +41,13 @@ __all__ = [
     "triton_available",
 ]
 
-BACKENDS = ("reference", "cpu-int8", "cpu-int4", "triton")
+_forced: str | None = None  # read by .int8 too
+
+from .int8 import INT8_BACKENDS, int8_linear  # noqa: E402
+
+WEIGHT_ONLY_BACKENDS = ("reference", "cpu-int8", "cpu-int4", "triton")
+BACKENDS = tuple(dict.fromkeys(WEIGHT_ONLY_BACKENDS + INT8_BACKENDS))
 _AUTO_ORDER = {"cpu": ("cpu-int8", "cpu-int4"), "cuda": ("triton",)}
-_forced: str | None = None
 
 
 def reference_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, in_features: int) -> torch.Tensor:
@@ -124,6 +129,8 @@ def _reason(name: str, layer, device_type: str, dtype: torch.dtype, cache: dict)
         if layer.bits not in (2, 3, 4, 8):
             return f"triton supports bits 2/3/4/8, got {layer.bits}"
         return None
+    if name in BACKENDS:
+        return f"{name} runs int8-activation layers (Int8MixedLinear, W8A8Linear), not weight-only QuantLinear"
     raise ValueError(f"unknown kernel backend {name!r}")
 
 

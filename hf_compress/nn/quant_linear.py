@@ -50,6 +50,9 @@ class QuantLinear(nn.Module):
         """A meta ``weight`` so a float checkpoint's key finds this module while quantizing on load."""
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, device="meta"), requires_grad=False)
 
+    def drop_weight_placeholder(self) -> None:
+        self._parameters.pop("weight", None)
+
     def load_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         """Pack ``qw`` into this module's buffers (dropping any quantize-on-load placeholder)."""
         if (qw.bits, qw.group_size) != (self.bits, self.group_size):

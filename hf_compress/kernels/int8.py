@@ -1,0 +1,167 @@
+"""Backend choice and forward for the int8-activation layers (``Int8MixedLinear``, ``W8A8Linear``).
+
+==============  =================================================================================
+backend         applies to
+==============  =================================================================================
+``cpu-onednn``  CPU, float activations, when PyTorch has oneDNN (``onednn::qlinear_pointwise``)
+``cpu-int-mm``  CPU, float activations (``torch._int_mm``)
+``triton``      CUDA, fp16/bf16/fp32 activations, when triton imports
+``reference``   everything (:func:`hf_compress.quant.int8.int8_linear_reference`, float64 sums)
+==============  =================================================================================
+
+LLM.int8's outlier columns are found here, for every backend: they are zeroed in the int8 input and
+multiply the dequantized weight columns in float32. Outputs are cast to ``x.dtype``. The backward is the
+straight-through estimate ``grad_x = grad_out @ W`` (``W`` the dequantized, de-smoothed weight), so adapters
+train through these layers; the int8 state is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.int8 import outlier_columns, scale_from_absmax
+from .cpu import w8a8 as _cpu
+from .triton import is_available as triton_available
+
+INT8_BACKENDS = ("reference", "cpu-onednn", "cpu-int-mm", "triton")
+_AUTO_ORDER = {"cpu": ("cpu-onednn", "cpu-int-mm"), "cuda": ("triton",)}
+
+
+def _forced() -> str | None:
+    from . import _forced as forced  # set by hf_compress.kernels.use_backend
+
+    return forced
+
+
+def unsupported_reason(name: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot run an int8-activation layer (``None`` when it can)."""
+    if name == "reference":
+        return None
+    if name not in INT8_BACKENDS:
+        return f"{name} runs weight-only QuantLinear layers; int8-activation layers run on {list(INT8_BACKENDS)}"
+    if not dtype.is_floating_point:
+        return f"{name} takes float activations, got {dtype}"
+    if name in ("cpu-onednn", "cpu-int-mm"):
+        if device_type != "cpu":
+            return f"{name} runs on CPU tensors, got {device_type}"
+        if name == "cpu-onednn" and not _cpu.onednn_available():
+            return "this torch build has no oneDNN quantized linear (onednn::qlinear_pointwise)"
+        return None
+    if device_type != "cuda":
+        return f"triton runs on CUDA tensors, got {device_type}"
+    if not triton_available():
+        return "triton is not installed (or failed to import)"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"triton takes float16/bfloat16/float32 activations, got {dtype}"
+    return None
+
+
+def _fresh_cache(layer) -> dict:
+    cache = layer._kernel_cache
+    if not torch.compiler.is_compiling():
+        fp = tuple((t.data_ptr(), t._version) for t in layer._buffers.values() if t is not None)
+        if cache.get("fingerprint") != fp:
+            cache.clear()
+            cache["fingerprint"] = fp
+    return cache
+
+
+def backend_for(layer, x: torch.Tensor | None = None) -> str:
+    """The backend :func:`int8_linear` uses for ``layer`` with activations like ``x``."""
+    device = x.device if x is not None else layer.SCB.device
+    dtype = x.dtype if x is not None else (layer.bias.dtype if layer.bias is not None else torch.float32)
+    return _select(_fresh_cache(layer), device.type, dtype)
+
+
+def _select(cache: dict, device_type: str, dtype: torch.dtype) -> str:
+    forced = _forced()
+    key = ("backend", forced, device_type, dtype)
+    name = cache.get(key)
+    if name is not None:
+        return name
+    if forced is not None:
+        why = unsupported_reason(forced, device_type, dtype)
+        if why is not None:
+            raise ValueError(f"kernel backend {forced!r} cannot run this layer: {why}")
+        name = forced
+    else:
+        name = next((n for n in _AUTO_ORDER.get(device_type, ()) if unsupported_reason(n, device_type, dtype) is None), "reference")
+    cache[key] = name
+    return name
+
+
+def _prepared(layer, cache: dict, name: str) -> dict:
+    state = cache.get(("state", name))
+    if state is None:
+        w_scale = layer.weight_scale
+        if name.startswith("cpu-"):
+            state = _cpu.prepare_state(layer.weight, w_scale, name)
+        else:
+            state = {"weight": layer.weight.contiguous(), "w_scale": w_scale.contiguous()}
+        smooth = layer.smooth_divisor
+        state["inv_smooth"] = None if smooth is None else (1.0 / smooth.float()).contiguous()
+        state["smooth"] = smooth
+        cache[("state", name)] = state
+    return state
+
+
+def _forward(x: torch.Tensor, layer) -> torch.Tensor:
+    cache = _fresh_cache(layer)
+    name = _select(cache, x.device.type, x.dtype)
+    if name == "reference":
+        return layer.forward_reference(x)
+    state = _prepared(layer, cache, name)
+    x2 = x.reshape(-1, x.shape[-1])
+    bias = layer.bias
+    out_float = None
+    if layer.threshold is not None:
+        idx = outlier_columns(x2, layer.threshold).nonzero().squeeze(1)
+        if idx.numel():
+            w_cols = state["weight"].index_select(1, idx).float().mul_(state["w_scale"].unsqueeze(1))
+            out_float = x2.index_select(1, idx).float() @ w_cols.t()
+            x2 = x2.index_fill(1, idx, 0)
+    if name == "triton":
+        from .triton.int8 import int8_matmul, quantize_rows
+
+        scale = layer.static_scale
+        if scale is None and layer.per_tensor:
+            xf = x2.float() if state["inv_smooth"] is None else x2.float() * state["inv_smooth"]
+            scale = scale_from_absmax(xf.abs().amax())
+        q, row_scale = quantize_rows(x2, state["smooth"], scale)
+        b = bias if out_float is None else None
+        out = int8_matmul(q, row_scale, state["weight"], state["w_scale"], b, torch.float32)
+        if out_float is not None and bias is not None:
+            out = out.add_(bias.float())
+    else:
+        out = _cpu.int8_gemm(
+            x2, state, bias, inv_smooth=state["inv_smooth"], act_scale=layer.static_scale, per_tensor=layer.per_tensor
+        )
+    if out_float is not None:
+        out = out.add_(out_float)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        with torch.no_grad():
+            return _forward(x, layer)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.layer.dequantize_weight().to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+def int8_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """``layer``'s output for ``x [..., in_features]`` with the best backend available (see the module doc)."""
+    bias = layer.bias
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _Int8LinearFunction.apply(x, bias, layer)
+    return _forward(x, layer)
