@@ -8,7 +8,20 @@
 __version__ = "0.1.0"
 
 from .formats.gptq import export_gptq, load_gptq  # noqa: E402
-from .integrations import GPTQConfig, HfCompressConfig, RTNConfig  # noqa: E402  (registers the methods)
+from .integrations import GPTQConfig, HfCompressConfig, Int8MixedConfig, RTNConfig, W8A8Config  # noqa: E402  (registers the methods)
+from .nn.int8_linear import Int8MixedLinear, W8A8Linear  # noqa: E402
 from .nn.quant_linear import QuantLinear  # noqa: E402
 
-__all__ = ["GPTQConfig", "HfCompressConfig", "QuantLinear", "RTNConfig", "__version__", "export_gptq", "load_gptq"]
+__all__ = [
+    "GPTQConfig",
+    "HfCompressConfig",
+    "Int8MixedConfig",
+    "Int8MixedLinear",
+    "QuantLinear",
+    "RTNConfig",
+    "W8A8Config",
+    "W8A8Linear",
+    "__version__",
+    "export_gptq",
+    "load_gptq",
+]

@@ -8,13 +8,17 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from .config import GPTQConfig, HfCompressConfig, RTNConfig
+from .config import GPTQConfig, HfCompressConfig, Int8MixedConfig, RTNConfig, W8A8Config
+from .int8 import Int8MixedHfQuantizer, W8A8HfQuantizer
 from .quantizer import GPTQHfQuantizer, RTNHfQuantizer
 
 METHODS = {
     RTNConfig.quant_method: (RTNConfig, RTNHfQuantizer),
     GPTQConfig.quant_method: (GPTQConfig, GPTQHfQuantizer),
+    Int8MixedConfig.quant_method: (Int8MixedConfig, Int8MixedHfQuantizer),
+    W8A8Config.quant_method: (W8A8Config, W8A8HfQuantizer),
 }
+LOADERS = {"gptq": "hf_compress.load_gptq(path)", "bitsandbytes": "hf_compress.load_bitsandbytes_int8(path)"}
 
 
 def _refuse_requantizing(merge):
@@ -26,7 +30,7 @@ def _refuse_requantizing(merge):
             found = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else getattr(quantization_config, "quant_method", None)
             found = getattr(found, "value", found)
             if found != quantization_config_from_args.quant_method:
-                hint = "load it with hf_compress.load_gptq(path)" if found == "gptq" else "load it without quantization_config"
+                hint = f"load it with {LOADERS[found]}" if found in LOADERS else "load it without quantization_config"
                 raise ValueError(
                     f"this checkpoint is already quantized (quant_method {found!r}); {type(quantization_config_from_args).__name__} "
                     f"quantizes float checkpoints: {hint}, or start from the float model"
@@ -52,4 +56,16 @@ def register_all() -> None:
 
 register_all()
 
-__all__ = ["GPTQConfig", "GPTQHfQuantizer", "HfCompressConfig", "METHODS", "RTNConfig", "RTNHfQuantizer", "register_all"]
+__all__ = [
+    "GPTQConfig",
+    "GPTQHfQuantizer",
+    "HfCompressConfig",
+    "Int8MixedConfig",
+    "Int8MixedHfQuantizer",
+    "METHODS",
+    "RTNConfig",
+    "RTNHfQuantizer",
+    "W8A8Config",
+    "W8A8HfQuantizer",
+    "register_all",
+]

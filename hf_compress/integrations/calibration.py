@@ -8,6 +8,8 @@ random offsets drawn from a generator seeded with ``seed``, so the same seed and
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers.utils import logging
 
@@ -77,3 +79,15 @@ def calibration_windows(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (n_samples,), generator=gen)
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_tokens(model, cfg) -> torch.Tensor:
+    """The ``[n_samples, seqlen]`` windows for a calibrating config (``dataset``, ``tokenizer``, ``n_samples``,
+    ``seqlen``, ``seed``); the tokenizer defaults to the model's own folder."""
+    seqlen = cfg.seqlen or default_seqlen(model.config)
+    tokenizer = cfg.tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)) or (tokenizer is None and isinstance(cfg.dataset, (str, list))):
+        from .loading import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tokenizer or model.name_or_path))
+    return calibration_windows(cfg.dataset, tokenizer, cfg.n_samples, seqlen, seed=cfg.seed, config=model.config)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..quant.layout import LAYOUT_BITS
+from ..quant.observers import OBSERVERS
 
 # 1: zero codes stored exactly (gptq_v2); 2: adds ``checkpoint_format``, default "gptq" (v1: zero - 1).
 FORMAT_VERSION = 2
@@ -92,6 +93,22 @@ def check_type(value, types, name: str, what: str) -> None:
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+CALIBRATION_FIELDS = {"n_samples": 128, "seqlen": None, "seed": 0}
+CALIBRATION_RUNTIME_FIELDS = {"dataset": None, "tokenizer": None}
+
+
+def check_calibration_fields(cfg) -> None:
+    """``n_samples``/``seqlen``/``seed`` of a config that calibrates (GPTQ, static W8A8, SmoothQuant)."""
+    check_type(cfg.n_samples, (int,), "n_samples", "a positive integer")
+    if cfg.n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {cfg.n_samples!r}")
+    if cfg.seqlen is not None:
+        check_type(cfg.seqlen, (int,), "seqlen", "a positive integer or None")
+        if cfg.seqlen < 1:
+            raise ValueError(f"seqlen must be a positive integer or None, got {cfg.seqlen!r}")
+    check_type(cfg.seed, (int,), "seed", "an integer")
+
+
 class WeightOnlyConfig(HfCompressConfig):
     """Fields shared by the weight-only methods that write the packed GPTQ layout (RTN, GPTQ).
 
@@ -157,12 +174,10 @@ class GPTQConfig(WeightOnlyConfig):
         "static_groups": False,
         "damp_percent": 0.01,
         "true_sequential": True,
-        "n_samples": 128,
-        "seqlen": None,
-        "seed": 0,
+        **CALIBRATION_FIELDS,
         "block_size": 128,
     }
-    runtime_fields = {"dataset": None, "tokenizer": None}
+    runtime_fields = CALIBRATION_RUNTIME_FIELDS
 
     def post_init(self) -> None:
         super().post_init()
@@ -171,12 +186,88 @@ class GPTQConfig(WeightOnlyConfig):
         check_type(self.damp_percent, (int, float), "damp_percent", "a number in [0, 1)")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"damp_percent must be in [0, 1), got {self.damp_percent!r}")
-        for name in ("n_samples", "block_size"):
-            check_type(getattr(self, name), (int,), name, "a positive integer")
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.seqlen is not None:
-            check_type(self.seqlen, (int,), "seqlen", "a positive integer or None")
-            if self.seqlen < 1:
-                raise ValueError(f"seqlen must be a positive integer or None, got {self.seqlen!r}")
-        check_type(self.seed, (int,), "seed", "an integer")
+        check_type(self.block_size, (int,), "block_size", "a positive integer")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_calibration_fields(self)
+
+
+class Int8MixedConfig(HfCompressConfig):
+    """LLM.int8 (mixed-precision int8): weights int8 per output row (absmax), activations int8 per token at run
+    time, except outlier input features (any ``|x| >= threshold`` in the batch), which run in float.
+
+    Args:
+        threshold: the outlier magnitude (> 0; 6.0 as in the paper and bitsandbytes). For int8 activations
+            without outlier handling use :class:`W8A8Config`.
+        modules_to_not_convert: module names (or name suffixes) kept in float, besides the output embeddings.
+    """
+
+    quant_method = "hf_compress_int8"
+    fields = {"threshold": 6.0, "modules_to_not_convert": None}
+
+    def post_init(self) -> None:
+        check_type(self.threshold, (int, float), "threshold", "a number > 0")
+        if not self.threshold > 0:
+            raise ValueError(
+                f"threshold must be > 0 (the outlier magnitude, 6.0 in LLM.int8), got {self.threshold!r}; "
+                "for pure int8 activations without outlier columns use W8A8Config"
+            )
+        check_module_list(self.modules_to_not_convert, "modules_to_not_convert")
+
+
+W8A8_MODES = ("dynamic", "static")
+ACT_GRANULARITIES = ("per-token", "per-tensor")
+
+
+class W8A8Config(HfCompressConfig):
+    """W8A8: int8 weights (per output row) and int8 activations.
+
+    Args (written to ``config.json``):
+        mode: ``"dynamic"`` (activation scales computed at run time) or ``"static"`` (one activation scale per
+            layer, fixed from calibration data).
+        act_granularity: ``"per-token"`` or ``"per-tensor"``; default per-token for dynamic, per-tensor for
+            static (the only static choice: a per-token scale cannot be known ahead of time).
+        observer: how static scales are chosen from the calibration activations: ``minmax``,
+            ``moving-average``, ``percentile``, ``mse`` or ``kl``.
+        smooth_alpha: SmoothQuant migration strength in [0, 1] (0.5 typical), or None for no smoothing.
+            Smoothing needs calibration data (the activations' per-channel ranges), in both modes.
+        modules_to_not_convert, n_samples, seqlen, seed: as :class:`GPTQConfig`.
+    Runtime only (never written): dataset, tokenizer, as :class:`GPTQConfig`.
+    """
+
+    quant_method = "hf_compress_w8a8"
+    fields = {
+        "mode": "dynamic",
+        "act_granularity": None,
+        "observer": "minmax",
+        "smooth_alpha": None,
+        "modules_to_not_convert": None,
+        **CALIBRATION_FIELDS,
+    }
+    runtime_fields = CALIBRATION_RUNTIME_FIELDS
+
+    def post_init(self) -> None:
+        if self.mode not in W8A8_MODES:
+            raise ValueError(f"mode must be one of {list(W8A8_MODES)}, got {self.mode!r}")
+        if self.act_granularity is None:
+            self.act_granularity = "per-token" if self.mode == "dynamic" else "per-tensor"
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity must be one of {list(ACT_GRANULARITIES)}, got {self.act_granularity!r}")
+        if self.mode == "static" and self.act_granularity != "per-tensor":
+            raise ValueError(
+                "static activation scales are per tensor (a per-token scale cannot be fixed ahead of time): "
+                "use act_granularity='per-tensor' with mode='static', or mode='dynamic' for per-token scales"
+            )
+        names = [n for n in OBSERVERS if n != "histogram"]
+        if self.observer not in names:
+            raise ValueError(f"observer must be one of {names}, got {self.observer!r}")
+        if self.smooth_alpha is not None:
+            check_type(self.smooth_alpha, (int, float), "smooth_alpha", "a number in [0, 1] or None")
+            if not 0 <= self.smooth_alpha <= 1:
+                raise ValueError(f"smooth_alpha must be in [0, 1] (0.5 is typical), got {self.smooth_alpha!r}")
+        check_module_list(self.modules_to_not_convert, "modules_to_not_convert")
+        check_calibration_fields(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode == "static" or self.smooth_alpha is not None

@@ -199,6 +199,18 @@ class CompressedHfQuantizer(HfQuantizer):
                         "re-quantize the model"
                     )
 
+    def keep_uncalibrated_float(self, model, done: dict, method: str) -> None:
+        """After a layer-wise calibration: linears outside the blocks (e.g. BERT's pooler) saw no calibration
+        data and stay float; the saved config says so, so a reload does not expect quantized tensors for them."""
+        if not done:
+            raise self.no_linears_error(model)
+        cfg = self.quantization_config
+        left = [name for name, _ in iter_linears(model, self.modules_to_not_convert)]
+        if left:
+            logger.info("%s keeps %d linear layers outside the blocks in float: %s", method, len(left), left)
+            cfg.modules_to_not_convert = sorted(set(cfg.modules_to_not_convert or []) | set(left))
+            self.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(left))
+
     # -- after loading ---------------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.load_errors:
@@ -314,24 +326,13 @@ class GPTQHfQuantizer(WeightOnlyHfQuantizer):
             self.quantize_model(model)
         return super()._process_model_after_weight_loading(model, **kwargs)
 
-    def calibration_tokens(self, model) -> torch.Tensor:
-        from .calibration import calibration_windows, default_seqlen
-
-        cfg = self.quantization_config
-        seqlen = cfg.seqlen or default_seqlen(model.config)
-        tokenizer = cfg.tokenizer
-        if isinstance(tokenizer, (str, os.PathLike)) or (tokenizer is None and isinstance(cfg.dataset, (str, list))):
-            from .loading import load_tokenizer
-
-            tokenizer = load_tokenizer(str(tokenizer or model.name_or_path))
-        return calibration_windows(cfg.dataset, tokenizer, cfg.n_samples, seqlen, seed=cfg.seed, config=model.config)
-
     def quantize_model(self, model) -> dict[str, float]:
         """Calibrate and quantize every convertible linear; returns each layer's relative output error."""
+        from .calibration import calibration_tokens
         from .layerwise import compress_layerwise
 
         cfg = self.quantization_config
-        windows = self.calibration_tokens(model)
+        windows = calibration_tokens(model, cfg)
         errors: dict[str, float] = {}
 
         def make_observer(linears):
@@ -370,15 +371,7 @@ class GPTQHfQuantizer(WeightOnlyHfQuantizer):
             desc=f"GPTQ int{cfg.bits}",
         )
         model.train(was_training)
-        if not done:
-            raise self.no_linears_error(model)
-        # Linears outside the blocks (e.g. BERT's pooler) saw no calibration: they stay float, and the saved
-        # config says so, so a reload does not expect packed tensors for them.
-        left = [name for name, _ in iter_linears(model, self.modules_to_not_convert)]
-        if left:
-            logger.info("GPTQ keeps %d linear layers outside the blocks in float: %s", len(left), left)
-            cfg.modules_to_not_convert = sorted(set(cfg.modules_to_not_convert or []) | set(left))
-            self.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(left))
+        self.keep_uncalibrated_float(model, done, "GPTQ")
         worst = max(errors, key=errors.get)
         logger.info(
             "GPTQ quantized %d linear layers; relative output error mean %.3g, worst %.3g (%s)",

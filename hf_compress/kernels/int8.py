@@ -100,7 +100,7 @@ def _prepared(layer, cache: dict, name: str) -> dict:
             state = {"weight": layer.weight.contiguous(), "w_scale": w_scale.contiguous()}
         smooth = layer.smooth_divisor
         state["inv_smooth"] = None if smooth is None else (1.0 / smooth.float()).contiguous()
-        state["smooth"] = smooth
+        state["smooth"] = None if smooth is None else smooth.float().contiguous()
         cache[("state", name)] = state
     return state
 
@@ -124,6 +124,7 @@ def _forward(x: torch.Tensor, layer) -> torch.Tensor:
         from .triton.int8 import int8_matmul, quantize_rows
 
         scale = layer.static_scale
+        scale = scale.float() if scale is not None else None
         if scale is None and layer.per_tensor:
             xf = x2.float() if state["inv_smooth"] is None else x2.float() * state["inv_smooth"]
             scale = scale_from_absmax(xf.abs().amax())

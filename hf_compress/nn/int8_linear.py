@@ -76,9 +76,17 @@ class Int8Linear(nn.Module):
     def invalidate_kernel_cache(self) -> None:
         self._kernel_cache = {}
 
+    _FLOAT32_BUFFERS = ("SCB", "input_scale", "smooth")
+
     def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not round the scales: they follow the device, never the dtype.
         self.invalidate_kernel_cache()
-        return super()._apply(fn, recurse)
+        kept = {n: self._buffers.pop(n) for n in self._FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for n, t in kept.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return out
 
     @property
     def weight_scale(self) -> torch.Tensor:
