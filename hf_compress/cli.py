@@ -19,9 +19,9 @@ DEFAULT_TEXT = SHARED / "data" / "pydoc-heldout.txt"
 
 # -- building a config from flags and recipes --------------------------------------------------------------
 def method_configs() -> dict:
-    from .integrations import GPTQConfig, RTNConfig
+    from .integrations import GPTQConfig, Int8MixedConfig, RTNConfig, W8A8Config
 
-    return {"rtn": RTNConfig, "gptq": GPTQConfig}
+    return {"rtn": RTNConfig, "gptq": GPTQConfig, "llm-int8": Int8MixedConfig, "w8a8": W8A8Config}
 
 
 def load_recipe(path: str | None) -> dict:
@@ -54,6 +54,11 @@ def build_config(args) -> tuple[str, object]:
         "n_samples": "n_samples",
         "seqlen": "seqlen",
         "seed": "seed",
+        "threshold": "threshold",
+        "mode": "mode",
+        "act_granularity": "act_granularity",
+        "observer": "observer",
+        "smooth": "smooth_alpha",
     }
     for flag, field in flags.items():
         value = getattr(args, flag, None)
@@ -63,17 +68,19 @@ def build_config(args) -> tuple[str, object]:
         fields["modules_to_not_convert"] = args.skip
     config_cls = configs[method]
     calib = getattr(args, "calib", None) or fields.pop("calib", None)
-    if "dataset" in config_cls.runtime_fields:
-        if calib is None:
-            raise ValueError(f"--method {method} calibrates: pass --calib TEXTFILE (calibration text, never the evaluation text)")
-        fields["dataset"] = str(calib)
-    elif calib is not None:
-        logger.warning("--calib is ignored by --method %s, which needs no calibration data", method)
     unknown = sorted(set(fields) - set(config_cls.fields) - set(config_cls.runtime_fields))
     if unknown:
         flagged = sorted(f"--{k.replace('_', '-')}" for k, v in flags.items() if v in unknown)
         raise ValueError(f"--method {method} does not take {flagged or unknown}")
-    return method, config_cls(**fields)
+    if calib is not None and "dataset" in config_cls.runtime_fields:
+        fields["dataset"] = str(calib)
+    config = config_cls(**fields)
+    calibrates = "dataset" in config_cls.runtime_fields and getattr(config, "needs_calibration", True)
+    if calibrates and calib is None:
+        raise ValueError(f"--method {method} calibrates here: pass --calib TEXTFILE (calibration text, never the evaluation text)")
+    if calib is not None and not calibrates:
+        logger.warning("--calib is ignored by --method %s with these settings, which need no calibration data", method)
+    return method, config
 
 
 # -- table printing ---------------------------------------------------------------------------------------
@@ -206,16 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it (reloads with from_pretrained after import hf_compress)")
     q.add_argument("model", help="local folder or Hub id")
-    q.add_argument("--method", default=None, help="rtn (default) or gptq")
+    q.add_argument("--method", default=None, help="rtn (default), gptq, llm-int8 or w8a8")
     q.add_argument("--bits", type=int, default=None)
     q.add_argument("--group-size", dest="group_size", type=int, default=None, help="-1 (default) = per output channel")
     q.add_argument("--sym", type=bool_flag, default=None, help="true (default) or false (asymmetric)")
     q.add_argument("--skip", nargs="*", default=None, help="module names to keep in float")
-    q.add_argument("--calib", default=None, help="calibration text file (gptq; never the evaluation text)")
+    q.add_argument("--calib", default=None, help="calibration text file (gptq, static w8a8, --smooth; never the evaluation text)")
     q.add_argument("--act-order", dest="act_order", action="store_const", const=True, default=None, help="gptq: act-order (desc_act)")
     q.add_argument("--n-samples", dest="n_samples", type=int, default=None, help="gptq: calibration windows (128)")
     q.add_argument("--seqlen", type=int, default=None, help="gptq: tokens per window (min(2048, model positions))")
     q.add_argument("--seed", type=int, default=None, help="gptq: seed of the window offsets (0)")
+    q.add_argument("--threshold", type=float, default=None, help="llm-int8: outlier magnitude (6.0)")
+    q.add_argument("--mode", default=None, choices=["dynamic", "static"], help="w8a8: activation scales at run time (dynamic, default) or from calibration (static)")
+    q.add_argument("--act-granularity", dest="act_granularity", default=None, choices=["per-token", "per-tensor"], help="w8a8: per-token (dynamic default) or per-tensor")
+    q.add_argument("--observer", default=None, choices=["minmax", "moving-average", "percentile", "mse", "kl"], help="w8a8 static: how activation ranges are chosen (minmax)")
+    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA", help="w8a8: SmoothQuant migration strength in [0, 1] (e.g. 0.5)")
     q.add_argument("--recipe", default=None, help="YAML recipe (configs/*.yaml); flags override it")
     q.add_argument("--eval-text", default=None, help="measure perplexity (or embedding cosine) on this text for the model card")
     q.add_argument("--output", required=True)
