@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
+from .formats.bitsandbytes import export_bitsandbytes, load_bitsandbytes_int8  # noqa: E402
 from .formats.gptq import export_gptq, load_gptq  # noqa: E402
 from .integrations import GPTQConfig, HfCompressConfig, Int8MixedConfig, RTNConfig, W8A8Config  # noqa: E402  (registers the methods)
 from .nn.int8_linear import Int8MixedLinear, W8A8Linear  # noqa: E402
@@ -22,6 +23,8 @@ __all__ = [
     "W8A8Config",
     "W8A8Linear",
     "__version__",
+    "export_bitsandbytes",
     "export_gptq",
+    "load_bitsandbytes_int8",
     "load_gptq",
 ]

@@ -184,9 +184,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .formats.gptq import export_gptq
+    if args.format == "bitsandbytes":
+        from .formats.bitsandbytes import export_bitsandbytes as export
+    else:
+        from .formats.gptq import export_gptq as export
 
-    out = export_gptq(args.src, args.output)
+    out = export(args.src, args.output)
     print(f"wrote {out}")
     return 0
 
@@ -248,7 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="rewrite a compressed folder in another tool's format")
     x.add_argument("src", help="a folder written by hf-compress quantize")
-    x.add_argument("--format", required=True, choices=["gptq"], help="gptq: quant_method gptq (GPTQModel, vLLM)")
+    x.add_argument(
+        "--format",
+        required=True,
+        choices=["gptq", "bitsandbytes"],
+        help="gptq: quant_method gptq (GPTQModel, vLLM), from rtn/gptq folders; bitsandbytes: an 8-bit "
+        "bitsandbytes checkpoint (from_pretrained with bitsandbytes), from llm-int8 folders",
+    )
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.int8 import outlier_columns, scale_from_absmax
+from ..quant.int8 import scale_from_absmax
 from .cpu import w8a8 as _cpu
 from .triton import is_available as triton_available
 
@@ -105,6 +105,23 @@ def _prepared(layer, cache: dict, name: str) -> dict:
     return state
 
 
+def _outlier_part(x2: torch.Tensor, threshold: float, state: dict):
+    """LLM.int8's float path: ``(outlier column indices, x[:, idx] @ W[:, idx].T in float32)``, or Nones.
+
+    The dequantized weight columns are cached per layer: the outlier features of a model are the same few
+    channels from one batch to the next, and gathering columns of an ``[N, K]`` matrix is not free."""
+    idx = (x2.abs().amax(dim=0) >= threshold).nonzero().squeeze(1)
+    if not idx.numel():
+        return None, None
+    cached = state.get("outlier_cols")
+    if cached is not None and cached[0].shape == idx.shape and bool(torch.equal(cached[0], idx)):
+        w_cols = cached[1]
+    else:
+        w_cols = state["weight"].index_select(1, idx).float().mul_(state["w_scale"].unsqueeze(1)).t().contiguous()
+        state["outlier_cols"] = (idx, w_cols)
+    return idx, x2.index_select(1, idx).float() @ w_cols
+
+
 def _forward(x: torch.Tensor, layer) -> torch.Tensor:
     cache = _fresh_cache(layer)
     name = _select(cache, x.device.type, x.dtype)
@@ -113,29 +130,34 @@ def _forward(x: torch.Tensor, layer) -> torch.Tensor:
     state = _prepared(layer, cache, name)
     x2 = x.reshape(-1, x.shape[-1])
     bias = layer.bias
-    out_float = None
+    out_float = idx = None
     if layer.threshold is not None:
-        idx = outlier_columns(x2, layer.threshold).nonzero().squeeze(1)
-        if idx.numel():
-            w_cols = state["weight"].index_select(1, idx).float().mul_(state["w_scale"].unsqueeze(1))
-            out_float = x2.index_select(1, idx).float() @ w_cols.t()
-            x2 = x2.index_fill(1, idx, 0)
+        idx, out_float = _outlier_part(x2, layer.threshold, state)
     if name == "triton":
         from .triton.int8 import int8_matmul, quantize_rows
 
         scale = layer.static_scale
         scale = scale.float() if scale is not None else None
+        mask = None
+        if idx is not None:
+            mask = torch.zeros(x2.shape[1], dtype=torch.bool, device=x2.device).index_fill_(0, idx, True)
         if scale is None and layer.per_tensor:
             xf = x2.float() if state["inv_smooth"] is None else x2.float() * state["inv_smooth"]
             scale = scale_from_absmax(xf.abs().amax())
-        q, row_scale = quantize_rows(x2, state["smooth"], scale)
+        q, row_scale = quantize_rows(x2, state["smooth"], scale, mask)
         b = bias if out_float is None else None
         out = int8_matmul(q, row_scale, state["weight"], state["w_scale"], b, torch.float32)
         if out_float is not None and bias is not None:
             out = out.add_(bias.float())
     else:
         out = _cpu.int8_gemm(
-            x2, state, bias, inv_smooth=state["inv_smooth"], act_scale=layer.static_scale, per_tensor=layer.per_tensor
+            x2,
+            state,
+            bias,
+            inv_smooth=state["inv_smooth"],
+            act_scale=layer.static_scale,
+            per_tensor=layer.per_tensor,
+            zero_cols=idx,
         )
     if out_float is not None:
         out = out.add_(out_float)

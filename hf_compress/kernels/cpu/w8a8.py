@@ -33,16 +33,24 @@ def prepare_onednn(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activations(
-    x2: torch.Tensor, inv_smooth: torch.Tensor | None, act_scale: torch.Tensor | None, per_tensor: bool, zero: int
+    x2: torch.Tensor,
+    inv_smooth: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    per_tensor: bool,
+    zero: int,
+    zero_cols: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x2 [M, K]`` -> (codes + ``zero`` as uint8 (zero=128) or int8 (zero=0), float32 scale ``[M]`` or 0-d).
 
     ``inv_smooth`` multiplies ``x`` (SmoothQuant's ``1/s``: the division is done once, at load). Dynamic
     per-token scales come from each row's absmax, per-tensor from the whole tensor's, static from ``act_scale``.
+    ``zero_cols`` (column indices: LLM.int8's outliers, computed in float elsewhere) are zeroed first.
     """
     xf = x2.float() if x2.dtype != torch.float32 else x2
     if inv_smooth is not None:
         xf = xf * inv_smooth
+    if zero_cols is not None:
+        xf = xf.index_fill_(1, zero_cols, 0.0) if xf is not x2 else xf.index_fill(1, zero_cols, 0.0)
     if act_scale is not None:
         scale = act_scale
     else:
@@ -63,11 +71,15 @@ def int8_gemm(
     inv_smooth: torch.Tensor | None = None,
     act_scale: torch.Tensor | None = None,
     per_tensor: bool = False,
+    zero_cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x2 [M, K]`` float -> ``[M, N]`` float32 through the prepared int8 weight (see :func:`prepare_state`)."""
-    backend = state["backend"]
+    """``x2 [M, K]`` float -> ``[M, N]`` float32 through the prepared int8 weight (see :func:`prepare_state`).
+
+    A single row goes through ``torch._int_mm`` whatever the backend: measured 1.4x faster than oneDNN's
+    GEMV at 1x2048x5632 (oneDNN wins from 2 rows on)."""
+    backend = "cpu-int-mm" if x2.shape[0] == 1 else state["backend"]
     zero = 128 if backend == "cpu-onednn" else 0
-    q, scale = quantize_activations(x2, inv_smooth, act_scale, per_tensor, zero)
+    q, scale = quantize_activations(x2, inv_smooth, act_scale, per_tensor, zero, zero_cols)
     scalar = scale.dim() == 0
     if backend == "cpu-onednn":
         b = bias.float() if bias is not None and scalar else None
@@ -94,6 +106,5 @@ def prepare_state(weight: torch.Tensor, weight_scale: torch.Tensor, backend: str
     if backend == "cpu-onednn":
         state["packed"] = prepare_onednn(weight)
         state["w_zero"] = torch.zeros(weight.shape[0], dtype=torch.long)
-    else:
-        state["weight_t"] = weight.t()
+    state["weight_t"] = weight.t()
     return state
