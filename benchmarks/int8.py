@@ -115,10 +115,10 @@ NORM_FED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 def run_quality(args, tmp: Path) -> tuple[list[dict], dict]:
     import torch
+    from outliers import add_outlier_features
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_compress.eval import perplexity_stats
-    from outliers import add_outlier_features
 
     tok = AutoTokenizer.from_pretrained(common.PYDOC_MODEL)
     text = common.HELDOUT.read_text()
@@ -185,11 +185,11 @@ def quality_floors(rows: list[dict]) -> list[dict]:
 # -- speed ------------------------------------------------------------------------------------------------
 def speed_models(args, tmp: Path, outlier_rate: float) -> tuple[dict, dict]:
     import torch
+    from outliers import add_outlier_features
+    from speed import llama_config
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from hf_compress import Int8MixedConfig, W8A8Config
-    from outliers import add_outlier_features
-    from speed import llama_config
 
     cfg_args = argparse.Namespace(layers=args.layers, kv_heads=4)
     torch.manual_seed(args.seed)

@@ -394,14 +394,12 @@ def export_bitsandbytes(src, dst) -> Path:
                 metadata = fh.metadata()
                 for key in fh.keys():
                     tensors[key] = fh.get_tensor(key)
-            here = [n for n in quantized if f"{n}.weight" in tensors]
-            apart = [n for n in here if f"{n}.SCB" not in tensors]
-            if apart:  # a weight_format goes with its weight and SCB, in one shard, as bitsandbytes writes them
-                raise ValueError(f"{f.name} holds the weights of {apart[:3]} but not their SCB: re-save {src} with save_pretrained")
-            for name in here:
-                tensors[f"{name}.SCB"] = tensors[f"{name}.SCB"].to(torch.float32)
-                tensors[f"{name}.weight_format"] = torch.tensor(ROW, dtype=torch.uint8)
-                added[f"{name}.weight_format"] = f.name
+            for name in quantized:  # save_pretrained may put a weight and its SCB in different shards
+                if f"{name}.SCB" in tensors:
+                    tensors[f"{name}.SCB"] = tensors[f"{name}.SCB"].to(torch.float32)
+                if f"{name}.weight" in tensors:  # the layout code goes with the weight it describes
+                    tensors[f"{name}.weight_format"] = torch.tensor(ROW, dtype=torch.uint8)
+                    added[f"{name}.weight_format"] = f.name
             save_file(tensors, str(tmp / f.name), metadata=metadata or {"format": "pt"})
         for p in src.iterdir():  # tokenizer, generation config, model card...
             if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX_FILE):
