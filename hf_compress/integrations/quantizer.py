@@ -222,6 +222,8 @@ class CompressedHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):  # save_pretrained leaves config.dtype as a string ("float32")
+            dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, self.layer_types):
                 layer = module.to_float()

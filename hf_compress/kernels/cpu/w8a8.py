@@ -55,9 +55,10 @@ def quantize_activations(
         scale = act_scale
     else:
         absmax = xf.abs().amax(dim=-1) if not per_tensor else xf.abs().amax()
-        scale = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
-    q = torch.div(xf, scale.unsqueeze(-1) if scale.dim() else scale)
-    q = q.round_().clamp_(-INT8_MAX, INT8_MAX)
+        scale = torch.where(absmax > 0, absmax / INT8_MAX, 1.0)
+    q = torch.div(xf, scale.unsqueeze(-1) if scale.dim() else scale).round_()
+    if act_scale is not None:  # dynamic scales map the absmax to 127 (+- float rounding): nothing to clamp
+        q = q.clamp_(-INT8_MAX, INT8_MAX)
     if zero:
         return q.add_(zero).to(torch.uint8), scale
     return q.to(torch.int8), scale
@@ -90,14 +91,13 @@ def int8_gemm(
         if scalar:  # scale and bias applied by oneDNN
             return out
     else:
-        out = torch._int_mm(q, state["weight_t"]).float().mul_(state["w_scale"])
+        out = torch.mul(torch._int_mm(q, state["weight_t"]), state["w_scale"])  # int32 * float32 -> float32
         if scalar:
             out.mul_(scale)
-    if not scalar:
-        out.mul_(scale.unsqueeze(1))
     if bias is not None:
-        out.add_(bias.float())
-    return out
+        bias = bias if bias.dtype == torch.float32 else bias.float()
+        return out.add_(bias) if scalar else torch.addcmul(bias, out, scale.unsqueeze(1))
+    return out if scalar else out.mul_(scale.unsqueeze(1))
 
 
 def prepare_state(weight: torch.Tensor, weight_scale: torch.Tensor, backend: str) -> dict:
