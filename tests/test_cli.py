@@ -11,6 +11,7 @@ from conftest import HELDOUT, PYDOC_MODEL, needs_pydoc, token_batch
 from transformers import AutoModelForCausalLM
 
 import hf_compress
+from hf_compress.cli import build_config, build_parser, load_recipe
 from hf_compress.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -82,3 +83,18 @@ def test_optimum_quantizer_interface(tiny_models, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert model.config.quantization_config.bits == 4
     assert torch.isfinite(model(token_batch()).logits).all()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_recipe_builds_its_config(recipe, monkeypatch):
+    # Recipes name calibration files relative to the repo root, as the README's commands run from there.
+    monkeypatch.chdir(CONFIGS.parent)
+    args = build_parser().parse_args(["quantize", "MODEL", "--recipe", str(CONFIGS / recipe), "--output", "unused"])
+    method, config = build_config(args)
+    fields = load_recipe(str(CONFIGS / recipe))
+    assert method == fields.pop("method")
+    calib = fields.pop("calib", None)
+    if "smooth_alpha" in fields or fields.get("mode") == "static" or method == "gptq":
+        assert config.dataset == calib
+    for name, value in fields.items():
+        assert getattr(config, name) == value, (recipe, name)
