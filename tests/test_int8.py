@@ -779,3 +779,19 @@ def test_cli_errors_exit_2(args, message, tiny_models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("hf-compress: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_llm_int8_outlier_cache_overflow_matches_reference():
+    # The dequantized outlier columns are cached up to max(32, K/32) columns; past that, new columns are
+    # gathered per call and added to the cached part. Growing activations flag more and more columns.
+    torch.manual_seed(0)
+    layer = Int8MixedLinear(300, 50, threshold=2.0)
+    layer.load_float_weight(torch.randn(50, 300) * 0.1, torch.randn(50))
+    for t in range(30):
+        x = torch.randn(16, 300) * (0.8 + 0.05 * t)
+        with use_backend("cpu-onednn"):
+            got = layer(x)
+        torch.testing.assert_close(got, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+    state = layer._kernel_cache[("state", "cpu-onednn")]
+    assert state["col_rows"].shape == (32, 50)
+    assert int((state["col_slot"] >= 0).sum()) == 32

@@ -126,16 +126,26 @@ def _outlier_part(x2: torch.Tensor, threshold: float, state: dict):
     slot, rows = state["col_slot"], state["col_rows"]
     slots = slot[idx]
     new = idx[slots < 0]
+    out = None
     if new.numel():
-        if rows.shape[0] + new.numel() > max(32, k // 32):  # cache full: gather this batch's columns directly
-            w_cols = weight.index_select(1, idx).t().float().mul_(w_scale)
-            return idx, x2.index_select(1, idx).float() @ w_cols
-        slot[new] = torch.arange(rows.shape[0], rows.shape[0] + new.numel(), device=slot.device)
-        rows = state["col_rows"] = torch.cat([rows, weight.index_select(1, new).t().float().mul_(w_scale)])
-        slots = slot[idx]
+        room = max(32, k // 32) - rows.shape[0]
+        if room > 0:
+            add = new[:room]
+            slot[add] = torch.arange(rows.shape[0], rows.shape[0] + add.numel(), device=slot.device)
+            rows = state["col_rows"] = torch.cat([rows, weight.index_select(1, add).t().float().mul_(w_scale)])
+            slots, new = slot[idx], new[room:]
+        if new.numel():  # cache full: gather the rest directly
+            w_new = weight.index_select(1, new).t().float().mul_(w_scale)
+            out = x2.index_select(1, new).float() @ w_new
+    cached = slots >= 0
+    if not bool(cached.all()):
+        slots, idx_c = slots[cached], idx[cached]
+    else:
+        idx_c = idx
     x_cached = x2.new_zeros((x2.shape[0], rows.shape[0]), dtype=torch.float32)
-    x_cached[:, slots] = x2.index_select(1, idx).float()
-    return idx, x_cached @ rows
+    x_cached[:, slots] = x2.index_select(1, idx_c).float()
+    out = x_cached @ rows if out is None else torch.addmm(out, x_cached, rows)
+    return idx, out
 
 
 def _forward(x: torch.Tensor, layer) -> torch.Tensor:
