@@ -105,19 +105,15 @@ def _prepared(layer, cache: dict, name: str) -> dict:
     return state
 
 
-def _outlier_part(x2: torch.Tensor, threshold: float, state: dict):
-    """LLM.int8's float path: ``(outlier column indices, x[:, idx] @ W[:, idx].T in float32)``, or Nones.
+def _outlier_part(x2: torch.Tensor, idx: torch.Tensor, state: dict) -> torch.Tensor:
+    """LLM.int8's float path: ``x[:, idx] @ W[:, idx].T`` in float32 for the outlier columns ``idx``.
 
     Gathering columns of the ``[N, K]`` int8 weight costs ~1 ms at 2048x5632 (a cache line per row and
     column), more than the int8 GEMV itself, and the outlier set changes from token to token as occasional
     outliers come and go. So every column once gathered is kept dequantized, as a row of a per-layer float32
-    cache (up to ``K/32`` columns, 12% of the int8 weight's bytes; a model's outlier features are a few
-    channels), and the batch's outlier activations are scattered into a ``[M, cached]`` matrix that multiplies
-    the whole cache: no gather per call."""
-    row_max = x2[0].abs() if x2.shape[0] == 1 else x2.abs().amax(dim=0)
-    idx = (row_max >= threshold).nonzero().squeeze(1)
-    if not idx.numel():
-        return None, None
+    cache (up to ``K/16`` columns, 25% of the int8 weight's bytes at most; a model's outlier features are a
+    few channels). A few rows (decode) scatter their outlier activations into a ``[M, cached]`` matrix that
+    multiplies the whole cache; more rows multiply just their columns, copied out of the cache."""
     weight, w_scale = state["weight"], state["w_scale"]
     k = weight.shape[1]
     if "col_slot" not in state:
@@ -128,7 +124,7 @@ def _outlier_part(x2: torch.Tensor, threshold: float, state: dict):
     new = idx[slots < 0]
     out = None
     if new.numel():
-        room = max(32, k // 32) - rows.shape[0]
+        room = max(32, k // 16) - rows.shape[0]
         if room > 0:
             add = new[:room]
             slot[add] = torch.arange(rows.shape[0], rows.shape[0] + add.numel(), device=slot.device)
@@ -142,10 +138,15 @@ def _outlier_part(x2: torch.Tensor, threshold: float, state: dict):
         slots, idx_c = slots[cached], idx[cached]
     else:
         idx_c = idx
-    x_cached = x2.new_zeros((x2.shape[0], rows.shape[0]), dtype=torch.float32)
-    x_cached[:, slots] = x2.index_select(1, idx_c).float()
-    out = x_cached @ rows if out is None else torch.addmm(out, x_cached, rows)
-    return idx, out
+    x_out = x2.index_select(1, idx_c).float()
+    if x2.shape[0] > 4 and slots.numel() < rows.shape[0]:
+        # many rows: multiply only this batch's columns (copying them out of the cache is cheap beside the GEMM)
+        part = x_out @ rows.index_select(0, slots)
+    else:  # a few rows (decode): scatter into the cache's column space, no copy of weight rows
+        x_cached = x2.new_zeros((x2.shape[0], rows.shape[0]), dtype=torch.float32)
+        x_cached[:, slots] = x_out
+        part = x_cached @ rows
+    return part if out is None else out.add_(part)
 
 
 def _forward(x: torch.Tensor, layer) -> torch.Tensor:
@@ -156,37 +157,34 @@ def _forward(x: torch.Tensor, layer) -> torch.Tensor:
     state = _prepared(layer, cache, name)
     x2 = x.reshape(-1, x.shape[-1])
     bias = layer.bias
-    out_float = idx = None
-    if layer.threshold is not None:
-        idx, out_float = _outlier_part(x2, layer.threshold, state)
     if name == "triton":
         from .triton.int8 import int8_matmul, quantize_rows
 
+        idx = mask = None
+        if layer.threshold is not None:
+            mask = x2.abs().amax(dim=0) >= layer.threshold
+            idx = mask.nonzero().squeeze(1) if bool(mask.any()) else None
         scale = layer.static_scale
         scale = scale.float() if scale is not None else None
-        mask = None
-        if idx is not None:
-            mask = torch.zeros(x2.shape[1], dtype=torch.bool, device=x2.device).index_fill_(0, idx, True)
         if scale is None and layer.per_tensor:
             xf = x2.float() if state["inv_smooth"] is None else x2.float() * state["inv_smooth"]
             scale = scale_from_absmax(xf.abs().amax())
-        q, row_scale = quantize_rows(x2, state["smooth"], scale, mask)
-        b = bias if out_float is None else None
-        out = int8_matmul(q, row_scale, state["weight"], state["w_scale"], b, torch.float32)
-        if out_float is not None and bias is not None:
+        q, row_scale = quantize_rows(x2, state["smooth"], scale, mask if idx is not None else None)
+        out = int8_matmul(q, row_scale, state["weight"], state["w_scale"], bias if idx is None else None, torch.float32)
+        if idx is not None and bias is not None:
             out = out.add_(bias.float())
     else:
-        out = _cpu.int8_gemm(
+        out, idx = _cpu.int8_gemm(
             x2,
             state,
             bias,
             inv_smooth=state["inv_smooth"],
             act_scale=layer.static_scale,
             per_tensor=layer.per_tensor,
-            zero_cols=idx,
+            threshold=layer.threshold,
         )
-    if out_float is not None:
-        out = out.add_(out_float)
+    if idx is not None:
+        out = out.add_(_outlier_part(x2, idx, state))
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
