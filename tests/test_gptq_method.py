@@ -269,3 +269,29 @@ def test_add_batch_accumulation(hessian_dtype):
     assert q.H.dtype == hessian_dtype
     tol = 1e-5 if hessian_dtype == torch.float32 else 1e-12
     assert torch.allclose(q.H.double(), 2 / X.shape[0] * X.t() @ X, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_shared_hessian_factored_once_and_left_intact(desc_act):
+    # Linears sharing an input (q/k/v) share a GPTQ object: the factorisation is computed once and reused,
+    # giving exactly what a fresh object gives, and the Hessian itself (damped and factored in place without
+    # act-order) comes back bit-identical, dead inputs included.
+    torch.manual_seed(0)
+    n = 64
+    X = torch.randn(512, n)
+    X[:, 5] = 0  # a dead input
+    ws = [torch.randn(32, n) for _ in range(3)]
+    shared = GPTQ(n)
+    shared.add_batch(X)
+    H_before = shared.H.clone()
+    results = [shared.quantize(w, 4, 16, desc_act=desc_act) for w in ws]
+    assert torch.equal(shared.H, H_before)
+    assert len(shared._factors) == 1
+    for w, r in zip(ws, results, strict=True):
+        fresh = GPTQ(n)
+        fresh.add_batch(X)
+        f = fresh.quantize(w, 4, 16, desc_act=desc_act)
+        assert torch.equal(f.weight.pack()["qweight"], r.weight.pack()["qweight"])
+        assert f.loss == r.loss and f.relative_error == r.relative_error
+    shared.add_batch(X[:10])  # new data invalidates the factorisation
+    assert shared._factors == {}

@@ -34,9 +34,10 @@ def _upper_hinv(H: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of ``(H + damp*I)^-1``, or None when a factorisation fails."""
     # Damped in place and restored (no copy), intermediates dropped as soon as used: for a 5632-wide layer
     # each n x n matrix is 127 MB.
+    diag = H.diagonal().clone()
     H.diagonal().add_(damp)
     L, info = torch.linalg.cholesky_ex(H)
-    H.diagonal().sub_(damp)
+    H.diagonal().copy_(diag)  # exactly restored: H may be the caller's Hessian
     if info.item() != 0:
         return None
     Hinv = torch.cholesky_inverse(L)
@@ -76,6 +77,7 @@ class GPTQ:
         self.in_features = in_features
         self.nsamples = 0
         self.H: torch.Tensor | None = torch.zeros(in_features, in_features, device=device, dtype=hessian_dtype)
+        self._factors: dict = {}
 
     def _hessian(self) -> torch.Tensor:
         if self.H is None:
@@ -91,6 +93,7 @@ class GPTQ:
         m = x.shape[0]
         if m == 0:
             return
+        self._factors = {}  # a new batch changes the Hessian
         # running mean, scaled as gptq.py so H stays 2/n X^T X without ever holding X
         H.mul_(self.nsamples / (self.nsamples + m))
         self.nsamples += m
@@ -99,6 +102,39 @@ class GPTQ:
 
     def free(self) -> None:
         self.H = None
+        self._factors = {}
+
+    def _factor(self, dev, desc_act: bool, damp_percent: float):
+        """``(dead inputs, act-order permutation or None, upper Cholesky of the damped inverse Hessian, damping)``.
+
+        They depend on the Hessian alone, so the linears sharing it (q/k/v, gate/up) factor it once. Without
+        act-order the Hessian is damped and factored in place and restored afterwards (no n x n copy: 127 MB
+        for a 5632-wide layer); act-order needs the permuted copy anyway."""
+        key = (str(dev), desc_act, damp_percent)
+        cached = self._factors.get(key)
+        if cached is not None:
+            return cached
+        H0 = self._hessian()
+        H = H0 if H0.device == torch.device(dev) else H0.to(dev)
+        diag = torch.diag(H).clone()
+        dead = diag == 0
+        diag[dead] = 1  # an input that is always 0: any weight works, so make it 0 and keep H invertible
+        # act-order; stable so that ties (e.g. equal diagonals) keep the natural order on every device
+        perm = torch.argsort(diag, descending=True, stable=True) if desc_act else None
+        if perm is not None:
+            H = H[perm][:, perm]
+            dead_p = dead[perm]
+            H[dead_p, dead_p] = 1
+            Hinv, damp = _damped_hinv(H, damp_percent)
+            del H
+        else:
+            H[dead, dead] = 1
+            try:
+                Hinv, damp = _damped_hinv(H, damp_percent)
+            finally:
+                H[dead, dead] = 0
+        self._factors = {key: (dead, perm, Hinv, damp)}  # one entry: a group uses one setting
+        return self._factors[key]
 
     def quantize(
         self,
@@ -135,25 +171,18 @@ class GPTQ:
         dev, (out, n) = weight.device, weight.shape
         gs = n if group_size == -1 else group_size
         W = weight.detach().to(torch.float32).clone()
-        H = H0.to(dev).clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1  # an input that is always 0: any weight works, so make it 0 and keep H invertible
+        dead, perm, Hinv, damp = self._factor(dev, desc_act, damp_percent)
         W[:, dead] = 0
 
         scales = torch.empty(out, n_groups, dtype=scale_dtype, device=dev)
         zeros = torch.empty(out, n_groups, dtype=torch.int32, device=dev)
         if static_groups:  # params of the natural groups, fixed before any error feedback
             scales, zeros = group_qparams(W, bits, group_size, sym, scale_dtype)
-        # act-order; stable so that ties (e.g. equal diagonals) keep the natural order on every device
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if desc_act else None
         if perm is not None:
-            W, H = W[:, perm], H[perm][:, perm]
+            W = W[:, perm]
         # group of each column in processing order, for the static lookups and the returned g_idx
         natural = default_g_idx(n, group_size, device=dev)
         col_group = (natural[perm] if perm is not None else natural).tolist() if static_groups else None
-
-        Hinv, damp = _damped_hinv(H, damp_percent)
-        del H
 
         # rows = input columns: each column is then a contiguous row, which makes the per-column rank-1
         # updates an order of magnitude faster than on strided [out, n] columns
