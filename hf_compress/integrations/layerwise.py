@@ -137,6 +137,9 @@ def materialize(block: nn.Module, device) -> None:
     block.to(device)
 
 
+RELEASE_MIN_BYTES = 64 << 20  # below this a block's float copy is not worth a full gc.collect (~0.2 s each)
+
+
 def release_memory() -> None:
     """Free the block just compressed before the next one loads: its float layers sit in reference cycles
     (gc), and glibc keeps freed pages of its worker-thread arenas unless asked to return them (malloc_trim)."""
@@ -232,6 +235,7 @@ def compress_layerwise(
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
         home = next((p.device for p in block.parameters() if p.device.type != "meta"), torch.device("cpu"))
         materialize(block, device)
+        block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
         base = f"{prefix}.{i}"
         names = [
             n for n, m in block.named_modules() if linear_shape(m) is not None and should_convert_module(f"{base}.{n}", skip)
@@ -259,5 +263,6 @@ def compress_layerwise(
                 set_submodule(block, n, done[f"{base}.{n}"])
         del on_device
         block.to(home)  # one block on the compute device at a time
-        release_memory()
+        if block_bytes >= RELEASE_MIN_BYTES:
+            release_memory()
     return done
