@@ -278,3 +278,17 @@ def test_kl_prefix_sum_formula_matches_reference():
     got = _kl_windows(hist, a, b, nq)
     for i, (wa, wb) in enumerate(windows):
         assert got[i].item() == pytest.approx(_kl_reference(hist, wa, wb, nq), rel=1e-9, abs=1e-9), (wa, wb)
+
+
+@pytest.mark.parametrize("n", [5, 100, 4099, 300_000])
+@pytest.mark.parametrize("q", [0.0001, 0.01, 0.1])
+def test_tail_quantile_equals_torch_quantile(n, q):
+    # The percentile observer takes the tails with topk (O(n)) instead of sorting everything; torch.quantile
+    # rounds q to float32 before taking the rank, hence the small tolerance on large inputs.
+    from hf_compress.quant.observers import _tail_quantile
+
+    torch.manual_seed(n)
+    x = torch.randn(3, n) * 3
+    expected = torch.quantile(x.double(), torch.tensor([q, 1 - q], dtype=torch.float64), dim=1).float()
+    torch.testing.assert_close(_tail_quantile(x, q, low=True), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_tail_quantile(x, 1 - q, low=False), expected[1], rtol=1e-5, atol=1e-5)

@@ -20,6 +20,8 @@ with ``seed`` and re-seeded by :meth:`Observer.reset`, so equal inputs give bit-
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .affine import (
@@ -219,12 +221,17 @@ class PercentileObserver(Observer):
             idx = torch.randint(0, n, (self.max_samples,), generator=self._gen).to(rows.device)
             rows = rows[:, idx]
             n = self.max_samples
-        q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], device=rows.device)
-        # NaN only appears as padding of a short last group; nanquantile skips it.
-        fn = torch.nanquantile if self.spec.granularity == "group" else torch.quantile
-        step = max(1, _QUANTILE_LIMIT // n)
-        out = torch.cat([fn(rows[i : i + step], q, dim=1) for i in range(0, p, step)], dim=1)
-        blo, bhi = out[0].reshape(shape), out[1].reshape(shape)
+        ql, qh = 1.0 - self.percentile / 100.0, self.percentile / 100.0
+        if self.spec.granularity != "group" and _tail_size(ql, n) <= n // 8:
+            blo, bhi = _tail_quantile(rows, ql, low=True), _tail_quantile(rows, qh, low=False)
+            blo, bhi = blo.reshape(shape), bhi.reshape(shape)
+        else:
+            q = torch.tensor([ql, qh], device=rows.device)
+            # NaN only appears as padding of a short last group; nanquantile skips it.
+            fn = torch.nanquantile if self.spec.granularity == "group" else torch.quantile
+            step = max(1, _QUANTILE_LIMIT // n)
+            out = torch.cat([fn(rows[i : i + step], q, dim=1) for i in range(0, p, step)], dim=1)
+            blo, bhi = out[0].reshape(shape), out[1].reshape(shape)
         if self._sum_lo is None:
             self._sum_lo, self._sum_hi = blo, bhi
         else:
@@ -234,6 +241,29 @@ class PercentileObserver(Observer):
     def compute_range(self):
         self._require_data()
         return self._sum_lo / self.num_batches, self._sum_hi / self.num_batches
+
+
+def _tail_size(q_low: float, n: int) -> int:
+    """How many of the smallest (or largest) values the ``q_low`` (or ``1 - q_low``) quantile needs."""
+    return int(math.floor(q_low * (n - 1))) + 2
+
+
+def _tail_quantile(rows: torch.Tensor, q: float, low: bool) -> torch.Tensor:
+    """``torch.quantile(rows, q, dim=1)`` (linear interpolation) for a quantile near one end, from ``topk``
+    of that tail: O(n) instead of a full sort (the 99.99th percentile of a 2048 x 5632 activation needs its
+    1,155 largest values, not 11.5 M sorted)."""
+    n = rows.shape[1]
+    pos = q * (n - 1)
+    i = int(math.floor(pos))
+    frac = pos - i
+    if low:
+        tail = torch.topk(rows, min(i + 2, n), dim=1, largest=False, sorted=True).values
+        below, above = tail[:, i], tail[:, min(i + 1, n - 1)]
+    else:
+        t = n - 1 - i  # the value at ascending index i is the t-th largest (0-based)
+        tail = torch.topk(rows, t + 1, dim=1, largest=True, sorted=True).values
+        below, above = tail[:, t], tail[:, max(t - 1, 0)]
+    return torch.lerp(below, above, frac)
 
 
 class MSEObserver(Observer):
