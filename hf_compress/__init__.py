@@ -14,6 +14,8 @@ from .nn.int8_linear import Int8MixedLinear, W8A8Linear  # noqa: E402
 from .nn.quant_linear import QuantLinear  # noqa: E402
 
 __all__ = [
+    "DistillationArguments",
+    "DistillationTrainer",
     "GPTQConfig",
     "HfCompressConfig",
     "Int8MixedConfig",
@@ -25,6 +27,21 @@ __all__ = [
     "__version__",
     "export_bitsandbytes",
     "export_gptq",
+    "generate_distillation_dataset",
     "load_bitsandbytes_int8",
     "load_gptq",
+    "precompute_teacher_logits",
+    "student_from_teacher",
 ]
+
+# The distillation API imports transformers' Trainer (and with it peft and accelerate, ~3 s): loaded on first use.
+_DISTILL = ("DistillationArguments", "DistillationTrainer", "generate_distillation_dataset", "precompute_teacher_logits", "student_from_teacher")
+
+
+def __getattr__(name):
+    if name in _DISTILL:
+        from . import distill
+
+        return getattr(distill, name)
+    raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
+

@@ -1,4 +1,4 @@
-"""The ``hf-compress`` command line: quantize, eval, compare, demo."""
+"""The ``hf-compress`` command line: quantize, export, distill, eval, compare, demo."""
 
 from __future__ import annotations
 
@@ -194,6 +194,85 @@ def cmd_export(args) -> int:
     return 0
 
 
+DISTILL_FLAGS = {
+    "alpha": "alpha",
+    "temperature": "temperature",
+    "loss_type": "loss_type",
+    "beta": "beta",
+    "hidden_loss_weight": "hidden_loss_weight",
+    "on_policy_fraction": "on_policy_fraction",
+    "top_k": "top_k",
+    "max_steps": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "lr": "learning_rate",
+    "seed": "seed",
+}
+
+
+def distill_settings(args) -> tuple[dict, dict]:
+    """``(DistillationArguments fields, run settings)`` from a recipe and flags (flags win). Run settings:
+    ``seq_len`` (128), ``student`` and ``eval_text``, which are not training arguments."""
+    fields = load_recipe(args.recipe)
+    run = {"seq_len": fields.pop("seq_len", 128), "student": fields.pop("student", None), "eval_text": fields.pop("eval_text", None)}
+    fields.setdefault("max_steps", 500)
+    fields.setdefault("learning_rate", 1e-3)
+    fields.setdefault("per_device_train_batch_size", 8)
+    fields.setdefault("dataloader_pin_memory", False)  # pinning only helps a GPU, and warns without one
+    for flag, field in DISTILL_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            fields[field] = value
+    if args.bf16:
+        fields["bf16"] = True
+    for k in ("seq_len", "student", "eval_text"):
+        if getattr(args, k, None) is not None:
+            run[k] = getattr(args, k)
+    if run["student"] is None:
+        raise ValueError("pass --student S (a folder or Hub id, teacher:0,5 for the teacher's blocks 0 and 5, or random:2)")
+    return fields, run
+
+
+def cmd_distill(args) -> int:
+    import tempfile
+
+    from .distill import DistillationArguments, DistillationTrainer, text_chunks
+    from .distill.student import resolve_student
+    from .integrations.loading import load_model
+    from .integrations.save import atomic_dir, model_card
+
+    fields, run = distill_settings(args)
+    if not Path(args.train).is_file():
+        raise FileNotFoundError(f"training text not found: {args.train}")
+    teacher, tokenizer = load_model(args.teacher)
+    if tokenizer is None:
+        raise ValueError(f"{args.teacher} has no tokenizer: distillation tokenizes --train with the teacher's tokenizer")
+    student = resolve_student(str(run["student"]), teacher, seed=fields.get("seed", 42))
+    train = text_chunks(tokenizer, args.train, seq_len=int(run["seq_len"]))
+    with tempfile.TemporaryDirectory(prefix="hfc-distill-") as work:
+        targs = DistillationArguments(output_dir=work, report_to=[], save_strategy="no", logging_steps=max(1, fields["max_steps"] // 20), **fields)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=targs, train_dataset=train, processing_class=tokenizer)
+        trainer.train()
+    results = None
+    if run["eval_text"]:
+        from .eval import perplexity
+
+        results = {"perplexity": perplexity(student.eval(), tokenizer, run["eval_text"]), "teacher_perplexity": perplexity(teacher, tokenizer, run["eval_text"])}
+    settings = {"teacher": str(args.teacher), "student": str(run["student"]), "train": str(args.train), "seq_len": run["seq_len"], **fields}
+    card = model_card(str(args.teacher), "distillation", settings, results).replace("compressed with hf-compress", "distilled with hf-compress")
+    with atomic_dir(args.output) as tmp:
+        trainer.save_model(str(tmp))
+        (tmp / "README.md").write_text(card)
+        if results:
+            from .integrations.save import EVAL_FILE
+
+            (tmp / EVAL_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {Path(args.output).resolve()}")
+    if results:
+        print(markdown_table([{"model": str(args.output), **results}], ["model", *results]))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -260,6 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)
+
+    k = sub.add_parser("distill", help="train a student on a teacher's distributions (DistillationTrainer)")
+    k.add_argument("--teacher", required=True, help="folder or Hub id of the teacher (may be hf_compress-quantized)")
+    k.add_argument("--student", default=None, help="folder or Hub id; teacher:0,5 (the teacher's blocks 0 and 5); teacher:2 or random:2 (2 blocks)")
+    k.add_argument("--train", required=True, help="training text file (never the evaluation text)")
+    k.add_argument("--output", required=True)
+    k.add_argument("--recipe", default=None, help="YAML of DistillationArguments fields plus seq_len/student/eval_text; flags override it")
+    k.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per training chunk (128)")
+    k.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps (500)")
+    k.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="sequences per step and process (8)")
+    k.add_argument("--grad-accum", dest="grad_accum", type=int, default=None)
+    k.add_argument("--lr", type=float, default=None, help="learning rate (1e-3)")
+    k.add_argument("--alpha", type=float, default=None, help="soft-loss weight in [0, 1] (0.5)")
+    k.add_argument("--temperature", type=float, default=None, help="softmax temperature (1.0)")
+    k.add_argument("--loss-type", dest="loss_type", default=None, choices=["forward_kl", "reverse_kl", "jsd", "mse"])
+    k.add_argument("--beta", type=float, default=None, help="JSD beta (0.5)")
+    k.add_argument("--hidden-loss-weight", dest="hidden_loss_weight", type=float, default=None)
+    k.add_argument("--on-policy-fraction", dest="on_policy_fraction", type=float, default=None, help="GKD lambda (0)")
+    k.add_argument("--top-k", dest="top_k", type=int, default=None, help="compare on the teacher's top-k ids only")
+    k.add_argument("--seed", type=int, default=None)
+    k.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    k.add_argument("--eval-text", dest="eval_text", default=None, help="held-out text: student and teacher perplexity for the model card")
+    k.set_defaults(func=cmd_distill)
 
     d = sub.add_parser("demo", help="compress the local default model and print a before/after table")
     d.add_argument("--model", default=None)
