@@ -7,13 +7,34 @@
 
 __version__ = "0.1.0"
 
+from .formats.bitnet import export_bitnet, import_bitnet  # noqa: E402
 from .formats.bitsandbytes import export_bitsandbytes, load_bitsandbytes_int8  # noqa: E402
 from .formats.gptq import export_gptq, load_gptq  # noqa: E402
-from .integrations import GPTQConfig, HfCompressConfig, Int8MixedConfig, RTNConfig, W8A8Config  # noqa: E402  (registers the methods)
+from .integrations import (  # noqa: E402  (registers the methods)
+    BitLinearConfig,
+    BitLinearWarmup,
+    GPTQConfig,
+    HfCompressConfig,
+    Int8MixedConfig,
+    OneBitConfig,
+    RTNConfig,
+    W8A8Config,
+    set_quantization_strength,
+)
+from .integrations import pack_model as pack_bitlinear  # noqa: E402
+from .nn.bitlinear import BitLinear, OneBitLinear, PackedBitLinear  # noqa: E402
 from .nn.int8_linear import Int8MixedLinear, W8A8Linear  # noqa: E402
 from .nn.quant_linear import QuantLinear  # noqa: E402
 
 __all__ = [
+    "BitLinear",
+    "BitLinearConfig",
+    "BitLinearWarmup",
+    "OneBitConfig",
+    "OneBitLinear",
+    "PackedBitLinear",
+    "pack_bitlinear",
+    "set_quantization_strength",
     "DistillationArguments",
     "DistillationTrainer",
     "GPTQConfig",
@@ -25,9 +46,11 @@ __all__ = [
     "W8A8Config",
     "W8A8Linear",
     "__version__",
+    "export_bitnet",
     "export_bitsandbytes",
     "export_gptq",
     "generate_distillation_dataset",
+    "import_bitnet",
     "load_bitsandbytes_int8",
     "load_gptq",
     "precompute_teacher_logits",

@@ -19,9 +19,19 @@ DEFAULT_TEXT = SHARED / "data" / "pydoc-heldout.txt"
 
 # -- building a config from flags and recipes --------------------------------------------------------------
 def method_configs() -> dict:
-    from .integrations import GPTQConfig, Int8MixedConfig, RTNConfig, W8A8Config
+    from .integrations import BitLinearConfig, GPTQConfig, Int8MixedConfig, OneBitConfig, RTNConfig, W8A8Config
 
-    return {"rtn": RTNConfig, "gptq": GPTQConfig, "llm-int8": Int8MixedConfig, "w8a8": W8A8Config}
+    return {"rtn": RTNConfig, "gptq": GPTQConfig, "llm-int8": Int8MixedConfig, "w8a8": W8A8Config,
+            "bitnet": BitLinearConfig, "onebit": OneBitConfig}
+
+
+def bits_arg(v: str):
+    """``--bits``: an integer, or 1.58 (ternary, ``--method bitnet``)."""
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be a number (2, 3, 4, 8; 1.58 or 1 for bitnet), got {v!r}") from None
+    return int(f) if f.is_integer() else f
 
 
 def load_recipe(path: str | None) -> dict:
@@ -186,6 +196,8 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     if args.format == "bitsandbytes":
         from .formats.bitsandbytes import export_bitsandbytes as export
+    elif args.format == "hf-bitnet":
+        export = export_hf_bitnet
     else:
         from .formats.gptq import export_gptq as export
 
@@ -273,6 +285,22 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def export_hf_bitnet(src, dst) -> Path:
+    """``export --format hf-bitnet``: load a folder ``quantize --method bitnet`` wrote and write transformers'
+    ``bitnet`` format, with the folder's tokenizer and generation files."""
+    from .formats.bitnet import export_bitnet
+    from .integrations.loading import load_model
+
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text()).get("quantization_config", {}) if (src / "config.json").is_file() else {}
+    if cfg.get("quant_method") != "hf_compress_bitlinear":
+        raise ValueError(f"{src} is not a folder written by `hf-compress quantize --method bitnet` (quant_method "
+                         f"{cfg.get('quant_method')!r}); export --format hf-bitnet reads hf_compress_bitlinear folders")
+    model, _ = load_model(str(src))
+    extra = [p for p in src.iterdir() if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", "README.md")]
+    return export_bitnet(model, dst, extra_files=extra)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -295,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it (reloads with from_pretrained after import hf_compress)")
     q.add_argument("model", help="local folder or Hub id")
-    q.add_argument("--method", default=None, help="rtn (default), gptq, llm-int8 or w8a8")
-    q.add_argument("--bits", type=int, default=None)
+    q.add_argument("--method", default=None, help="rtn (default), gptq, llm-int8, w8a8, bitnet (1.58/1-bit, packed, no training) or onebit (SVID-initialised)")
+    q.add_argument("--bits", type=bits_arg, default=None, help="2, 3, 4 or 8; bitnet: 1.58 (default) or 1")
     q.add_argument("--group-size", dest="group_size", type=int, default=None, help="-1 (default) = per output channel")
     q.add_argument("--sym", type=bool_flag, default=None, help="true (default) or false (asymmetric)")
     q.add_argument("--skip", nargs="*", default=None, help="module names to keep in float")
@@ -333,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--format",
         required=True,
-        choices=["gptq", "bitsandbytes"],
+        choices=["gptq", "bitsandbytes", "hf-bitnet"],
         help="gptq: quant_method gptq (GPTQModel, vLLM), from rtn/gptq folders; bitsandbytes: an 8-bit "
-        "bitsandbytes checkpoint (from_pretrained with bitsandbytes), from llm-int8 folders",
+        "bitsandbytes checkpoint (from_pretrained with bitsandbytes), from llm-int8 folders; hf-bitnet: transformers' "
+        "own bitnet format (stock from_pretrained), from bitnet folders (per-tensor ternary)",
     )
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)

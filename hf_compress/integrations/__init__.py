@@ -8,7 +8,8 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from .config import GPTQConfig, HfCompressConfig, Int8MixedConfig, RTNConfig, W8A8Config
+from .bitnet import BitLinearHfQuantizer, BitLinearWarmup, OneBitHfQuantizer, pack_model, set_quantization_strength
+from .config import BitLinearConfig, GPTQConfig, HfCompressConfig, Int8MixedConfig, OneBitConfig, RTNConfig, W8A8Config
 from .int8 import Int8MixedHfQuantizer, W8A8HfQuantizer
 from .quantizer import GPTQHfQuantizer, RTNHfQuantizer
 
@@ -17,6 +18,8 @@ METHODS = {
     GPTQConfig.quant_method: (GPTQConfig, GPTQHfQuantizer),
     Int8MixedConfig.quant_method: (Int8MixedConfig, Int8MixedHfQuantizer),
     W8A8Config.quant_method: (W8A8Config, W8A8HfQuantizer),
+    BitLinearConfig.quant_method: (BitLinearConfig, BitLinearHfQuantizer),
+    OneBitConfig.quant_method: (OneBitConfig, OneBitHfQuantizer),
 }
 LOADERS = {"gptq": "hf_compress.load_gptq(path)", "bitsandbytes": "hf_compress.load_bitsandbytes_int8(path)"}
 
@@ -57,6 +60,13 @@ def register_all() -> None:
 register_all()
 
 __all__ = [
+    "BitLinearConfig",
+    "BitLinearHfQuantizer",
+    "BitLinearWarmup",
+    "OneBitConfig",
+    "OneBitHfQuantizer",
+    "pack_model",
+    "set_quantization_strength",
     "GPTQConfig",
     "GPTQHfQuantizer",
     "HfCompressConfig",

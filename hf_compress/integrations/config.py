@@ -271,3 +271,73 @@ class W8A8Config(HfCompressConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.mode == "static" or self.smooth_alpha is not None
+
+
+LOWBIT_MODES = ("training", "inference")
+
+
+def check_lowbit_common(cfg) -> None:
+    if cfg.mode not in LOWBIT_MODES:
+        raise ValueError(
+            f"mode must be 'training' (latent float weights, quantized in the forward: trainable) or 'inference' "
+            f"(packed weights), got {cfg.mode!r}"
+        )
+    check_module_list(cfg.modules_to_not_convert, "modules_to_not_convert")
+
+
+class BitLinearConfig(HfCompressConfig):
+    """BitNet linear layers: 1.58-bit (ternary, absmean) or 1-bit (sign) weights, int8 per-token activations.
+
+    (Named so because transformers' ``BitNetConfig`` is the BitNet *model* config.)
+
+    Args:
+        bits: 1.58 (ternary {-1, 0, 1}, BitNet b1.58) or 1 (binary {-1, +1}, BitNet).
+        mode: ``"training"``: every linear becomes a trainable :class:`~hf_compress.nn.bitlinear.BitLinear` over
+            its float weight (quantization-aware training; ``Trainer`` accepts the model); ``"inference"``: the
+            weights are quantized and packed on load (2 bits or 1 bit each), and a saved model reloads packed.
+        per_channel: one scale per output row instead of one per tensor.
+        sub_ln: an RMSNorm on each linear's input before activation quantization (BitNet's SubLN).
+        warmup_steps: training mode: the quantization strength λ rises from 0 to 1 over this many steps (with
+            :class:`~hf_compress.BitLinearWarmup` in the trainer's callbacks); 0 = quantized from the start.
+        modules_to_not_convert: module names kept in float, besides the output embeddings.
+    """
+
+    quant_method = "hf_compress_bitlinear"
+    fields = {"bits": 1.58, "mode": "inference", "per_channel": False, "sub_ln": False, "warmup_steps": 0,
+              "modules_to_not_convert": None}
+
+    def post_init(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (1, 1.58):
+            raise ValueError(f"bits must be 1.58 (ternary) or 1 (binary) for BitLinearConfig, got {self.bits!r}")
+        self.bits = 1.58 if self.bits == 1.58 else 1
+        check_lowbit_common(self)
+        for name in ("per_channel", "sub_ln"):
+            check_type(getattr(self, name), (bool,), name, "True or False")
+        check_type(self.warmup_steps, (int,), "warmup_steps", "an integer >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+SVID_METHODS = ("svd", "power")
+
+
+class OneBitConfig(HfCompressConfig):
+    """OneBit: 1-bit sign weights with two value vectors, W ≈ sign(W) ⊙ (h gᵀ), initialised by SVID.
+
+    Args:
+        mode: ``"training"`` (trainable :class:`~hf_compress.nn.bitlinear.OneBitLinear`: latent weight whose sign
+            is used, g and h trained; distil it with the float model as teacher) or ``"inference"`` (packed, 1 bit
+            per weight plus the two vectors).
+        svid: how the rank-1 approximation of |W| is found: ``"svd"`` or ``"power"`` iteration.
+        layernorm: the LayerNorm (no affine parameters) OneBit applies to each layer's output.
+        modules_to_not_convert: as :class:`BitLinearConfig`.
+    """
+
+    quant_method = "hf_compress_onebit"
+    fields = {"mode": "inference", "svid": "svd", "layernorm": True, "modules_to_not_convert": None}
+
+    def post_init(self) -> None:
+        check_lowbit_common(self)
+        if self.svid not in SVID_METHODS:
+            raise ValueError(f"svid must be one of {list(SVID_METHODS)}, got {self.svid!r}")
+        check_type(self.layernorm, (bool,), "layernorm", "True or False")

@@ -216,7 +216,9 @@ class CompressedHfQuantizer(HfQuantizer):
         if self.load_errors:
             errors, self.load_errors = self.load_errors, []
             raise ValueError("cannot quantize this model:\n  " + "\n  ".join(errors))
-        left = [n for n, m in model.named_modules() if isinstance(m, self.layer_types) and "weight" in m._parameters]
+        # A quantize-on-load placeholder still on meta: the checkpoint never had that weight.
+        left = [n for n, m in model.named_modules() if isinstance(m, self.layer_types)
+                and "weight" in m._parameters and m._parameters["weight"].device.type == "meta"]
         if left:
             raise ValueError(f"the checkpoint has no weight for {left[:5]}{'...' if len(left) > 5 else ''}: nothing to quantize")
         return model

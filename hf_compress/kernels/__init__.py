@@ -32,6 +32,7 @@ from .unpack import dequantize
 __all__ = [
     "BACKENDS",
     "int8_linear",
+    "lowbit_linear",
     "backend_for",
     "dequantize",
     "quant_linear",
@@ -44,9 +45,10 @@ __all__ = [
 _forced: str | None = None  # read by .int8 too
 
 from .int8 import INT8_BACKENDS, int8_linear  # noqa: E402
+from .lowbit import LOWBIT_BACKENDS, lowbit_linear  # noqa: E402
 
 WEIGHT_ONLY_BACKENDS = ("reference", "cpu-int8", "cpu-int4", "triton")
-BACKENDS = tuple(dict.fromkeys(WEIGHT_ONLY_BACKENDS + INT8_BACKENDS))
+BACKENDS = tuple(dict.fromkeys(WEIGHT_ONLY_BACKENDS + INT8_BACKENDS + LOWBIT_BACKENDS))
 _AUTO_ORDER = {"cpu": ("cpu-int8", "cpu-int4"), "cuda": ("triton",)}
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import kernels
 from ..quant.int8 import INT8_MAX, absmax_rows, check_finite, int8_linear_reference, quantize_rows
+from .float_layer import float_layer
 
 ACT_GRANULARITIES = ("per-token", "per-tensor")
 
@@ -115,22 +116,9 @@ class Int8Linear(nn.Module):
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
         """An equivalent float layer (``nn.Linear``, or ``Conv1D`` for modules that were GPT-2 Conv1D)."""
-        w = self.dequantize_weight()
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        w = w.to(dtype)
         bias = self.bias.detach().to(dtype) if self.bias is not None else None
-        if self.source_is_conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            layer = Conv1D(self.out_features, self.in_features)
-            layer.weight = nn.Parameter(w.t().contiguous())
-            layer.bias = nn.Parameter(bias if bias is not None else torch.zeros(self.out_features, dtype=dtype))
-            return layer.to(w.device)
-        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
-        layer.weight = nn.Parameter(w)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias)
-        return layer
+        return float_layer(self.dequantize_weight().to(dtype), bias, self.source_is_conv1d)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..quant.layout import QuantizedWeight, packed_shapes
+from .float_layer import float_layer
 
 PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -83,20 +84,7 @@ class QuantLinear(nn.Module):
 
     def to_float(self) -> nn.Module:
         """An equivalent float layer (``nn.Linear``, or ``Conv1D`` for modules that were GPT-2 Conv1D)."""
-        w = self.dequantize_weight()
-        bias = self.bias.detach() if self.bias is not None else None
-        if self.source_is_conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            layer = Conv1D(self.out_features, self.in_features)
-            layer.weight = nn.Parameter(w.t().contiguous())
-            layer.bias = nn.Parameter(bias if bias is not None else torch.zeros(self.out_features, dtype=w.dtype))
-            return layer.to(w.device)
-        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
-        layer.weight = nn.Parameter(w)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias)
-        return layer
+        return float_layer(self.dequantize_weight(), self.bias.detach() if self.bias is not None else None, self.source_is_conv1d)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

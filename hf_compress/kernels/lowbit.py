@@ -1,0 +1,116 @@
+"""Backend choice and forward for the packed 1.58-bit / 1-bit layers (``PackedBitLinear``).
+
+==============  =================================================================================
+backend         applies to
+==============  =================================================================================
+``cpu-lowbit``  CPU, float32/bfloat16 activations, when the C++ kernel builds
+                (:mod:`hf_compress.kernels.cpu.lowbit`: reads the 2-bit / 1-bit codes directly,
+                AVX512-VNNI, AVX2 or scalar, activation quantization fused)
+``triton``      CUDA, fp16/bf16/fp32 activations, when triton imports
+``reference``   everything (:func:`hf_compress.quant.lowbit.lowbit_linear_reference`)
+==============  =================================================================================
+
+Every backend computes the same integer sums, so results agree to float rounding. The backward is the
+straight-through estimate ``grad_x = grad_out @ W`` (the dequantized weight, OneBit's ``in_scale`` folded in),
+so adapters can train on a packed base; the packed state is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.lowbit import lowbit_linear_reference
+from .triton import is_available as triton_available
+
+LOWBIT_BACKENDS = ("reference", "cpu-lowbit", "triton")
+_AUTO_ORDER = {"cpu": ("cpu-lowbit",), "cuda": ("triton",)}
+
+
+def _forced() -> str | None:
+    from . import _forced as forced  # set by hf_compress.kernels.use_backend
+
+    return forced
+
+
+def _cpu_available() -> bool:
+    try:
+        from .cpu.lowbit import available
+    except ImportError:
+        return False
+    return available()
+
+
+def unsupported_reason(name: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot run a packed low-bit layer (``None`` when it can)."""
+    if name == "reference":
+        return None
+    if name not in LOWBIT_BACKENDS:
+        return f"{name} does not run 1.58-bit / 1-bit layers; they run on {list(LOWBIT_BACKENDS)}"
+    if name == "cpu-lowbit":
+        if device_type != "cpu":
+            return f"cpu-lowbit runs on CPU tensors, got {device_type}"
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"cpu-lowbit takes float32/bfloat16 activations, got {dtype}"
+        if not _cpu_available():
+            return "the C++ low-bit kernel did not build here (a C++ compiler is needed at first use; see the log)"
+        return None
+    if device_type != "cuda":
+        return f"triton runs on CUDA tensors, got {device_type}"
+    if not triton_available():
+        return "triton is not installed (or failed to import)"
+    return None
+
+
+def backend_for(layer, x: torch.Tensor | None = None) -> str:
+    """The backend :func:`lowbit_linear` uses for ``layer`` with activations like ``x``."""
+    device = x.device if x is not None else layer.qweight.device
+    dtype = x.dtype if x is not None else layer.compute_dtype
+    forced = _forced()
+    if forced is not None:
+        why = unsupported_reason(forced, device.type, dtype)
+        if why is not None:
+            raise ValueError(f"kernel backend {forced!r} cannot run this layer: {why}")
+        return forced
+    return next((n for n in _AUTO_ORDER.get(device.type, ()) if unsupported_reason(n, device.type, dtype) is None), "reference")
+
+
+def _forward(x: torch.Tensor, layer, bias) -> torch.Tensor:
+    name = backend_for(layer, x)
+    args = (layer.qweight, layer.weight_scale, layer._buffers.get("in_scale"), bias, layer.storage_bits, layer.in_features)
+    x2 = x.reshape(-1, x.shape[-1])
+    if name == "cpu-lowbit":
+        from .cpu.lowbit import lowbit_linear_cpu
+
+        out = lowbit_linear_cpu(x2.contiguous(), *args)
+    elif name == "triton":
+        from .triton.lowbit import lowbit_linear_triton
+
+        out = lowbit_linear_triton(x2.contiguous(), *args)
+    else:
+        out = lowbit_linear_reference(x2, *args)
+    return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+class _LowBitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        with torch.no_grad():
+            return _forward(x, layer, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.layer.dequantize_weight().to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+def lowbit_linear(x: torch.Tensor, layer, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer``'s packed product for ``x [..., in_features]`` (``+ bias``), on the best backend available."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _LowBitFunction.apply(x, bias, layer)
+    return _forward(x, layer, bias)
