@@ -329,12 +329,14 @@ class OneBitConfig(HfCompressConfig):
             is used, g and h trained; distil it with the float model as teacher) or ``"inference"`` (packed, 1 bit
             per weight plus the two vectors).
         svid: how the rank-1 approximation of |W| is found: ``"svd"`` or ``"power"`` iteration.
-        layernorm: the LayerNorm (no affine parameters) OneBit applies to each layer's output.
+        layernorm: the LayerNorm without affine parameters the OneBit paper's code applies to each layer's output
+            (off by default: distilling pydoc-llama-6m for 200 steps, 58.3 held-out perplexity with it against 46.0
+            without; the SVID start is 1119 with it and 82.6 without).
         modules_to_not_convert: as :class:`BitLinearConfig`.
     """
 
     quant_method = "hf_compress_onebit"
-    fields = {"mode": "inference", "svid": "svd", "layernorm": True, "modules_to_not_convert": None}
+    fields = {"mode": "inference", "svid": "svd", "layernorm": False, "modules_to_not_convert": None}
 
     def post_init(self) -> None:
         check_lowbit_common(self)

@@ -29,7 +29,6 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from ..eval._utils import accepts_kwarg
-from ..nn.quant_linear import QuantLinear
 from .modules import linear_shape, set_submodule
 
 logger = logging.get_logger(__name__)
@@ -39,13 +38,18 @@ class _StopForward(Exception):
     pass
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """A float linear, or a compressed layer standing in for one (they all carry in/out_features)."""
+    return linear_shape(m) is not None or (isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int))
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated blocks: the ``ModuleList`` with the most parameters whose every child has a linear layer."""
     best, best_numel = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if not all(any(linear_shape(m) is not None or isinstance(m, QuantLinear) for m in child.modules()) for child in module):
+        if not all(any(_is_linear(m) for m in child.modules()) for child in module):
             continue
         numel = sum(p.numel() for p in module.parameters())
         if numel > best_numel:

@@ -169,7 +169,7 @@ class _SignSTE(torch.autograd.Function):
 class OneBitLinear(_LowBitBase):
     """Trainable OneBit linear (see the module docstring); :meth:`init_svid` sets it from a float weight."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, layernorm: bool = True,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, layernorm: bool = False,
                  device=None, dtype=torch.float32, source_is_conv1d: bool = False):
         super().__init__(in_features, out_features, source_is_conv1d)
         self.weight = self._weight_param(device, dtype)
