@@ -311,15 +311,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def floor_row(name: str, value, op: str, limit: float, unit: str = "") -> dict:
-    """One floor check: ``value op limit`` with op ``<=`` or ``>=``; ``value`` None means not measured."""
+    """One floor check: ``value op limit`` with op ``<=``, ``>=``, ``<`` or ``>``; ``value`` None means not measured."""
     return {"floor": name, "measured": value, "required": f"{op} {limit:g}{unit}", "status": pass_fail(value, op, limit)}
 
 
 def pass_fail(value, op: str, limit: float) -> str:
     if value is None or value != value:
         return "n/a"
-    ok = value <= limit if op == "<=" else value >= limit
-    return "PASS" if ok else "FAIL"
+    import operator
+
+    ops = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+    if op not in ops:
+        raise ValueError(f"unknown floor operator {op!r}; use one of {list(ops)}")
+    return "PASS" if ops[op](value, limit) else "FAIL"
 
 
 def environment() -> dict:

@@ -10,6 +10,7 @@ training) and after, beside the float model's.
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from datasets import concatenate_datasets
@@ -57,7 +58,7 @@ def convert(a, log=print):
     train = concatenate_datasets([text_chunks(tok, SHARED / "data" / "pydoc-api-train.txt", 128),
                                   text_chunks(tok, SHARED / "data" / "pydoc-calib.txt", 128)])
     args = DistillationArguments(
-        output_dir=a.output or "out/convert-run", max_steps=a.steps, per_device_train_batch_size=a.batch_size,
+        output_dir=a.output or tempfile.mkdtemp(prefix="hfc-convert-"), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
         learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=max(1, a.steps // 20), weight_decay=0.0,
         alpha=a.alpha, temperature=1.0, hidden_loss_weight=a.hidden_weight, logging_steps=max(1, a.steps // 10),
         report_to=[], save_strategy="no", seed=a.seed, data_seed=a.seed, dataloader_pin_memory=False,

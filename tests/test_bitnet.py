@@ -272,3 +272,21 @@ def test_error_bad_config_fields():
         OneBitConfig(mode="train")
     with pytest.raises(ValueError, match="svid must be one of"):
         OneBitConfig(svid="nmf")
+
+
+@pytest.mark.parametrize("cfg", [BitLinearConfig(), BitLinearConfig(bits=1), OneBitConfig(layernorm=True)], ids=["ternary", "binary", "onebit-ln"])
+def test_fast_backend_matches_reference_in_a_model(tiny, cfg):
+    from hf_compress.kernels.cpu.lowbit import available
+
+    if not available():
+        pytest.skip("the C++ low-bit kernel did not build here")
+    model = t.AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, dtype=torch.bfloat16)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(12, 2, 96, dtype=torch.bfloat16).transpose(0, 1)  # 3-D and not contiguous
+    assert hf_compress.kernels.lowbit.backend_for(layer, x) == "cpu-lowbit"
+    with torch.inference_mode():
+        fast = layer(x)
+        with hf_compress.kernels.use_backend("reference"):
+            assert layer(x).equal(fast)
+            ref = model(ids()).logits
+        assert torch.allclose(model(ids()).logits.float(), ref.float(), atol=1e-2)

@@ -74,18 +74,27 @@ def backend_for(layer, x: torch.Tensor | None = None) -> str:
     return next((n for n in _AUTO_ORDER.get(device.type, ()) if unsupported_reason(n, device.type, dtype) is None), "reference")
 
 
-def _forward(x: torch.Tensor, layer, bias) -> torch.Tensor:
-    name = backend_for(layer, x)
-    args = (layer.qweight, layer.weight_scale, layer._buffers.get("in_scale"), bias, layer.storage_bits, layer.in_features)
-    x2 = x.reshape(-1, x.shape[-1])
-    if name == "cpu-lowbit":
-        from .cpu.lowbit import lowbit_linear_cpu
+def _backend(layer, x: torch.Tensor) -> str:
+    """:func:`backend_for`, remembered per layer for (forced backend, device, dtype): it runs once per layer and
+    token in decode, where its checks would cost as much as a small layer's kernel."""
+    key = (_forced(), x.device.type, x.dtype)
+    cache = layer.__dict__.setdefault("_lowbit_backend", {})
+    name = cache.get(key)
+    if name is None:
+        name = cache[key] = backend_for(layer, x)
+    return name
 
-        out = lowbit_linear_cpu(x2.contiguous(), *args)
-    elif name == "triton":
+
+def _forward(x: torch.Tensor, layer, bias) -> torch.Tensor:
+    name = _backend(layer, x)
+    args = (layer.qweight, layer.weight_scale, layer._buffers.get("in_scale"), bias, layer.storage_bits, layer.in_features)
+    if name == "cpu-lowbit":  # the op takes any leading dimensions
+        return torch.ops.hf_compress_lowbit.linear(x, *args, -1)
+    x2 = x.reshape(-1, x.shape[-1])
+    if name == "triton":
         from .triton.lowbit import lowbit_linear_triton
 
-        out = lowbit_linear_triton(x2.contiguous(), *args)
+        out = lowbit_linear_triton(x2, *args)
     else:
         out = lowbit_linear_reference(x2, *args)
     return out.reshape(*x.shape[:-1], layer.out_features)

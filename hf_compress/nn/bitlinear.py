@@ -325,4 +325,6 @@ class PackedBitLinear(_LowBitBase):
         return self._post(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is None and not self.post_norm:  # BitNet without SubLN: the decode hot path
+            return kernels.lowbit_linear(x, self, bias=self.bias)
         return self._post(kernels.lowbit_linear(self._pre(x), self, bias=None if self.post_norm else self.bias))
