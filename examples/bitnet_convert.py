@@ -26,6 +26,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def parse(argv=None):
     p = argparse.ArgumentParser()
+    p.add_argument("--recipe", default=None, help="YAML of these flags' values (configs/bitnet-*.yaml); flags override it")
     p.add_argument("--model", default=str(SHARED / "models" / "pydoc-llama-6m"))
     p.add_argument("--method", default="bitnet", choices=["bitnet", "onebit"])
     p.add_argument("--bits", type=float, default=1.58)
@@ -38,6 +39,21 @@ def parse(argv=None):
     p.add_argument("--layernorm", action="store_true", help="onebit: with the paper's output LayerNorm")
     p.add_argument("--output", default=None)
     p.add_argument("--seed", type=int, default=0)
+    return with_recipe(p, argv)
+
+
+def with_recipe(p, argv):
+    """Parse ``argv`` with the recipe's values as defaults (unknown recipe keys are an error)."""
+    first, _ = p.parse_known_args(argv)
+    if first.recipe:
+        import yaml
+
+        values = yaml.safe_load(Path(first.recipe).read_text()) or {}
+        known = {a.dest for a in p._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"recipe {first.recipe}: unknown keys {unknown}")
+        p.set_defaults(**values)
     return p.parse_args(argv)
 
 

@@ -290,3 +290,19 @@ def test_fast_backend_matches_reference_in_a_model(tiny, cfg):
             assert layer(x).equal(fast)
             ref = model(ids()).logits
         assert torch.allclose(model(ids()).logits.float(), ref.float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("bitnet-*.yaml")))
+def test_bitnet_recipes_parse(recipe):
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import bitnet_convert
+    import bitnet_from_scratch
+
+    path = Path(__file__).resolve().parents[1] / "configs" / recipe
+    parse = bitnet_from_scratch.parse if "scratch" in recipe else bitnet_convert.parse
+    args = parse(["--recipe", str(path)])
+    for k, v in yaml.safe_load(path.read_text()).items():
+        assert getattr(args, k) == v, (recipe, k)
+    assert parse(["--recipe", str(path), "--steps", "7"]).steps == 7  # flags override the recipe

@@ -21,6 +21,7 @@ import torch
 
 from ..quant.int8 import scale_from_absmax
 from .cpu import w8a8 as _cpu
+from .ste import with_dequantized_backward
 from .triton import is_available as triton_available
 
 INT8_BACKENDS = ("reference", "cpu-onednn", "cpu-int-mm", "triton")
@@ -188,27 +189,6 @@ def _forward(x: torch.Tensor, layer) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
-class _Int8LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, layer):
-        ctx.layer = layer
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        with torch.no_grad():
-            return _forward(x, layer)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.layer.dequantize_weight().to(grad.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, None
-
-
 def int8_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """``layer``'s output for ``x [..., in_features]`` with the best backend available (see the module doc)."""
-    bias = layer.bias
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _Int8LinearFunction.apply(x, bias, layer)
-    return _forward(x, layer)
+    return with_dequantized_backward(lambda x, layer, bias: _forward(x, layer), x, layer, layer.bias)

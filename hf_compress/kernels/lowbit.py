@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.lowbit import lowbit_linear_reference
+from .ste import with_dequantized_backward
 from .triton import is_available as triton_available
 
 LOWBIT_BACKENDS = ("reference", "cpu-lowbit", "triton")
@@ -100,26 +101,6 @@ def _forward(x: torch.Tensor, layer, bias) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
-class _LowBitFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, layer):
-        ctx.layer = layer
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        with torch.no_grad():
-            return _forward(x, layer, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.layer.dequantize_weight().to(grad.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, None
-
-
 def lowbit_linear(x: torch.Tensor, layer, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``layer``'s packed product for ``x [..., in_features]`` (``+ bias``), on the best backend available."""
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _LowBitFunction.apply(x, bias, layer)
-    return _forward(x, layer, bias)
+    return with_dequantized_backward(_forward, x, layer, bias)
