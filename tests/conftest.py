@@ -77,3 +77,21 @@ def tiny_models(tmp_path_factory):
 def token_batch(vocab: int = 128, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def interpreter_worker_results(test_file: str) -> dict:
+    """Run ``test_file --worker`` in a subprocess with ``TRITON_INTERPRET=1`` (set before triton is imported, so
+    the rest of the session keeps compiled triton) and return the JSON it prints after ``RESULTS ``."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, str(Path(test_file).resolve()), "--worker"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULTS ") :])
