@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         print(f"## Quality, pydoc-llama-6m ({args.steps} distillation steps x 8 x 128 tokens per converted row)\n")
         print(common.markdown_table(rows, cols))
         floors = quality_floors(rows)
-        print("\n" + common.markdown_table(floors, ["floor", "measured", "required", "status"]) + "\n")
+        print("\n" + common.floors_table(floors) + "\n")
         payload["quality"] = {"rows": rows, "floors": floors}
     if not args.skip_speed:
         with tempfile.TemporaryDirectory(prefix="hfc-bitnet-") as tmp:
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         print(common.markdown_table(rows, cols))
         print(f"\n{info}")
         floors = speed_floors(rows)
-        print("\n" + common.markdown_table(floors, ["floor", "measured", "required", "status"]) + "\n")
+        print("\n" + common.floors_table(floors) + "\n")
         payload["speed"] = {"rows": rows, **info, "floors": floors}
     print(f"wrote {common.write_json(args.out, payload)}")
     return 0

@@ -310,6 +310,11 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def floors_table(floors: list[dict]) -> str:
+    """The markdown table of :func:`floor_row` rows, as every benchmark prints it."""
+    return markdown_table(floors, ["floor", "measured", "required", "status"])
+
+
 def floor_row(name: str, value, op: str, limit: float, unit: str = "") -> dict:
     """One floor check: ``value op limit`` with op ``<=``, ``>=``, ``<`` or ``>``; ``value`` None means not measured."""
     return {"floor": name, "measured": value, "required": f"{op} {limit:g}{unit}", "status": pass_fail(value, op, limit)}

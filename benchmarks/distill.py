@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     print(common.markdown_table(rows, cols))
     print(f"\n{data_info}")
     floors = make_floors(by)
-    print("\n" + common.markdown_table(floors, ["floor", "measured", "required", "status"]) + "\n")
+    print("\n" + common.floors_table(floors) + "\n")
     payload.update(rows=rows, data=data_info, floors=floors)
     out = common.write_json(args.out, payload)
     print(f"wrote {out}")

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                                                 "ppl_ours_over_llmc", "ours_quant_s", "llmc_quant_s",
                                                 "time_ours_over_llmc", "llmc_fp32_perplexity"]))
     print("\n## Floors\n")
-    print(common.markdown_table(floors, ["floor", "measured", "required", "status"]))
+    print(common.floors_table(floors))
     path = common.write_json(args.out, {"environment": common.environment(), "args": vars(args), "rows": rows,
                                         "llmcompressor": llmc_rows, "floors": floors})
     print(f"\nwrote {path}")

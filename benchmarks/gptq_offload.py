@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     floors = [common.floor_row("peak RSS while quantizing - RSS before, / fp32 size", row["peak_extra_over_fp32"], "<=", 0.5)]
     print(common.markdown_table([row], list(row)))
     print()
-    print(common.markdown_table(floors, ["floor", "measured", "required", "status"]))
+    print(common.floors_table(floors))
     path = common.write_json(args.out, {"environment": common.environment(), "args": vars(args), "row": row, "floors": floors})
     print(f"wrote {path}")
     return 0

@@ -294,7 +294,7 @@ def main(argv=None) -> int:
             print(common.markdown_table(rows, cols))
             print(f"\nLLM.int8 outlier rate (input columns in float): {info['outlier_rate']}")
             floors = quality_floors(rows)
-            print("\n" + common.markdown_table(floors, ["floor", "measured", "required", "status"]) + "\n")
+            print("\n" + common.floors_table(floors) + "\n")
             payload["quality"] = {"rows": rows, **info, "floors": floors, "seconds": time.perf_counter() - t0}
         if not args.skip_speed:
             t0 = time.perf_counter()
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
             print(common.markdown_table(rows, cols))
             print(f"\n{info}")
             floors = speed_floors(rows)
-            print("\n" + common.markdown_table(floors, ["floor", "measured", "required", "status"]) + "\n")
+            print("\n" + common.floors_table(floors) + "\n")
             payload["speed"] = {"rows": rows, **info, "floors": floors, "seconds": time.perf_counter() - t0}
     out = common.write_json(args.out, payload)
     print(f"wrote {out}")

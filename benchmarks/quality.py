@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     elif enc_meta.get("error"):
         print(f"\nMiniLM part skipped: {enc_meta['error']}")
     print("\n## Floors\n")
-    print(common.markdown_table(floor_rows, ["floor", "measured", "required", "status"]))
+    print(common.floors_table(floor_rows))
     notes = []
     if kinfo["fallback"]:
         notes.append(f"QuantLinear forward: {kinfo['kernels']}")

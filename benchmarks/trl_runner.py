@@ -150,14 +150,7 @@ def make_trainer(
             log_completions=False,
         )
         train = Dataset.from_dict({"prompt": ids})
-        trainer = _off_policy_distillation_trainer()(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=train,
-            processing_class=tokenizer,
-            callbacks=[timer],
-        )
+        trainer_cls = _off_policy_distillation_trainer()
     else:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -178,14 +171,9 @@ def make_trainer(
                 "prompt": [""] * len(ids),
             }
         )
-        trainer = GKDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=train,
-            processing_class=tokenizer,
-            callbacks=[timer],
-        )
+        trainer_cls = GKDTrainer
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=train, processing_class=tokenizer,
+                          callbacks=[timer])
     # With disable_tqdm, Trainer prints every log dict to stdout (PrinterCallback); the losses stay in
     # trainer.state.log_history, and the benchmark's stdout is for its tables
     trainer.remove_callback(PrinterCallback)
