@@ -11,7 +11,6 @@ from the first step. Prints held-out perplexity of both (the b1.58 one packed).
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from bitnet_convert import SHARED, with_recipe

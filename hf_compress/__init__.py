@@ -17,13 +17,17 @@ from .integrations import (  # noqa: E402  (registers the methods)
     HfCompressConfig,
     Int8MixedConfig,
     OneBitConfig,
+    QATConfig,
     RTNConfig,
     W8A8Config,
+    convert_qat,
+    prepare_qat,
     set_quantization_strength,
 )
 from .integrations import pack_model as pack_bitlinear  # noqa: E402
 from .nn.bitlinear import BitLinear, OneBitLinear, PackedBitLinear  # noqa: E402
 from .nn.int8_linear import Int8MixedLinear, W8A8Linear  # noqa: E402
+from .nn.qat_linear import FakeQuantLinear  # noqa: E402
 from .nn.quant_linear import QuantLinear  # noqa: E402
 
 __all__ = [
@@ -33,6 +37,10 @@ __all__ = [
     "OneBitConfig",
     "OneBitLinear",
     "PackedBitLinear",
+    "FakeQuantLinear",
+    "QATConfig",
+    "prepare_qat",
+    "convert_qat",
     "pack_bitlinear",
     "set_quantization_strength",
     "DistillationArguments",
@@ -52,7 +60,10 @@ __all__ = [
     "generate_distillation_dataset",
     "import_bitnet",
     "load_bitsandbytes_int8",
+    "load_adapter",
     "load_gptq",
+    "lora_config",
+    "merge_report",
     "precompute_teacher_logits",
     "student_from_teacher",
 ]
@@ -61,10 +72,17 @@ __all__ = [
 _DISTILL = ("DistillationArguments", "DistillationTrainer", "generate_distillation_dataset", "precompute_teacher_logits", "student_from_teacher")
 
 
+_PEFT = ("load_adapter", "lora_config", "merge_report")
+
+
 def __getattr__(name):
     if name in _DISTILL:
         from . import distill
 
         return getattr(distill, name)
+    if name in _PEFT:
+        from .integrations import peft
+
+        return getattr(peft, name)
     raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
 

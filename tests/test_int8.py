@@ -17,11 +17,13 @@ from transformers import AutoModelForCausalLM
 
 from hf_compress import Int8MixedConfig, Int8MixedLinear, W8A8Config, W8A8Linear
 from hf_compress.kernels import use_backend
-from hf_compress.kernels.cpu.w8a8 import onednn_available
+from hf_compress.kernels.cpu.w8a8 import has_vnni, onednn_available
 from hf_compress.kernels.int8 import backend_for
 
+# oneDNN runs only where it is exact: with oneDNN's quantized linear and a CPU with VNNI (see kernels/int8.py).
+ONEDNN_RUNS = onednn_available() and has_vnni()
 CPU_BACKENDS = [
-    pytest.param("cpu-onednn", marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN qlinear")),
+    pytest.param("cpu-onednn", marks=pytest.mark.skipif(not ONEDNN_RUNS, reason="no oneDNN qlinear or no VNNI")),
     "cpu-int-mm",
 ]
 KINDS = ["llm-int8", "dynamic-per-token", "dynamic-per-tensor", "static", "smoothed"]
@@ -239,7 +241,7 @@ def test_llm_int8_without_outliers_is_per_token_w8a8():
     assert torch.equal(ref, plain.forward_reference(x))
     expected = llm_int8_fp64(x, layer)
     torch.testing.assert_close(ref.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
-    for backend in ("cpu-int-mm", "cpu-onednn") if onednn_available() else ("cpu-int-mm",):
+    for backend in ("cpu-int-mm", "cpu-onednn") if ONEDNN_RUNS else ("cpu-int-mm",):
         with use_backend(backend):
             assert torch.equal(layer(x), plain(x))
 
@@ -252,7 +254,7 @@ def test_llm_int8_every_column_an_outlier_is_the_float_product():
     ref = layer.forward_reference(x)
     torch.testing.assert_close(ref.double(), llm_int8_fp64(x, layer), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ref.double(), exact, rtol=1e-6, atol=1e-6)  # no activation quantization at all
-    for backend in ("cpu-int-mm", "cpu-onednn") if onednn_available() else ("cpu-int-mm",):
+    for backend in ("cpu-int-mm", "cpu-onednn") if ONEDNN_RUNS else ("cpu-int-mm",):
         with use_backend(backend):
             torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-5)
 
@@ -787,11 +789,21 @@ def test_llm_int8_outlier_cache_overflow_matches_reference():
     torch.manual_seed(0)
     layer = Int8MixedLinear(300, 50, threshold=2.0)
     layer.load_float_weight(torch.randn(50, 300) * 0.1, torch.randn(50))
+    backend = "cpu-onednn" if ONEDNN_RUNS else "cpu-int-mm"
     for t in range(30):
         x = torch.randn(16, 300) * (0.8 + 0.05 * t)
-        with use_backend("cpu-onednn"):
+        with use_backend(backend):
             got = layer(x)
         torch.testing.assert_close(got, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
-    state = layer._kernel_cache[("state", "cpu-onednn")]
+    state = layer._kernel_cache[("state", backend)]
     assert state["col_rows"].shape == (32, 50)
     assert int((state["col_slot"] >= 0).sum()) == 32
+
+
+@pytest.mark.skipif(has_vnni() or not onednn_available(), reason="checks the refusal on CPUs without VNNI")
+def test_onednn_is_refused_without_vnni():
+    layer, _, _ = make_layer("dynamic-per-token")
+    x = torch.randn(4, 100)
+    assert backend_for(layer, x) == "cpu-int-mm"
+    with pytest.raises(ValueError, match="no VNNI int8 dot product"), use_backend("cpu-onednn"):
+        layer(x)

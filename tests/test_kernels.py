@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hf_compress import kernels
 from hf_compress.kernels import backend_for, quant_linear, reference_linear, unpack, use_backend
 from hf_compress.kernels import cpu as kcpu
+from hf_compress.kernels.cpu import lowbit as cpu_lowbit
 from hf_compress.quant.layout import default_g_idx, dequantize_layout, num_groups, pack_layout, unpack_qweight
 
 
@@ -92,12 +93,49 @@ def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor, rel: float = 1.2e-2):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_bit_identical_to_layout(bits, k, n, group_size, act_order, dtype):
+@pytest.mark.parametrize("path", ["c++", "torch"])
+def test_dequantize_bit_identical_to_layout(bits, k, n, group_size, act_order, dtype, path, monkeypatch):
+    if path == "c++":
+        assert cpu_lowbit.available(), cpu_lowbit.unavailable_reason()
+    else:
+        monkeypatch.setattr(unpack, "_cpu_kernel", lambda: False)
     layer = make_layer(k, n, bits, group_size, act_order=act_order, dtype=dtype)
     assert torch.equal(unpack.unpack_qweight(layer.qweight, bits, k), unpack_qweight(layer.qweight, bits, k))
     w = unpack.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, k)
     assert w.dtype == dtype and w.is_contiguous()
     assert torch.equal(w, layer.weight())
+    wt = unpack.dequantize_t(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, k)
+    assert wt.shape == (k, n) and torch.equal(wt, layer.weight().t())
+
+
+def test_dequantize_kernel_rejects_bad_groups():
+    layer = make_layer(64, 16, 4, 32)
+    z = unpack.unpack_qzeros(layer.qzeros, 4, 16)
+    bad = layer.g_idx.clone()
+    bad[5] = 2  # only groups 0 and 1 exist
+    with pytest.raises(RuntimeError, match=r"g_idx\[5\] = 2 is not a group"):
+        cpu_lowbit.dequantize_gptq_cpu(layer.qweight, z, layer.scales, bad, 4, 64)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, -1)])
+def test_training_batches_run_dequantize_plus_gemm(bits, group_size):
+    """With gradients on and 32+ rows the int kernels give way to dequantize + GEMM in x's dtype (exact against the
+    reference); the backward's grad_x is grad @ W either way; fewer rows or no gradients keep the int kernel."""
+    layer = make_layer(64, 48, bits, group_size)
+    fast = "cpu-int8" if bits == 8 else "cpu-int4"
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    y = layer(x)
+    expected = F.linear(x.detach(), layer.weight(), layer.bias)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)  # fp32 exact, not bf16 kernel precision
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ layer.weight(), rtol=1e-5, atol=1e-5)
+    assert ("state", fast) not in layer._kernel_cache  # the int kernel's tensors were never built
+    with torch.no_grad():
+        y_fast = layer(x)
+    assert ("state", fast) in layer._kernel_cache
+    assert_close_bf16(y_fast, expected)
+    assert not torch.equal(y_fast, y)  # bf16 kernel precision: a different path ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -106,7 +144,10 @@ def test_reference_linear_is_dequantize_plus_linear(dtype):
     x = torch.randn(2, 3, 100).to(dtype)
     expected = F.linear(x, layer.weight().to(dtype), layer.bias.to(dtype))
     y = layer.ref(x)
-    assert y.dtype == dtype and torch.equal(y, expected)
+    # The same weight values (dequantize is bit-exact, tested above); the reference multiplies by the transposed
+    # copy, so the GEMM may sum in another order: equal to the dtype's rounding.
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ fast paths
@@ -311,7 +352,7 @@ def test_opcheck(name, op, bits, group_size, act_order):
     x = torch.randn(3, 96, requires_grad=True)
     args = _op_args(layer, x, name)
     torch.library.opcheck(getattr(torch.ops.hf_compress, op).default, args, atol=0.05, rtol=0.05)
-    torch.library.opcheck(torch.ops.hf_compress.dequantize.default, args[1:5] + args[6:8])
+    torch.library.opcheck(torch.ops.hf_compress.dequantize_t.default, args[1:5] + args[6:8])
 
 
 # ----------------------------------------------------------------------------------------- torch.compile

@@ -77,6 +77,24 @@ def test_layer_matches_reference_dequantize(bits, group_size, sym, tiny_models):
     torch.testing.assert_close(layer.forward_reference(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def _mapped_tensors(model) -> list[str]:
+    """Names of CPU tensors whose storage is the checkpoint's memory map (safetensors' zero-copy load)."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return [n for n, t in tensors if t.device.type == "cpu" and not t.untyped_storage().resizable()]
+
+
+def test_quantize_on_load_releases_the_checkpoint_map(tiny_models):
+    """While any float tensor still lives in the checkpoint's map, the pages of every weight read while quantizing
+    stay resident: the loader copies what it keeps, ties included."""
+    path = tiny_models("gpt2")
+    assert _mapped_tensors(load(path))  # a plain float load is zero-copy: the check below can fail
+    model = load(path, quantization_config=RTNConfig(bits=4, group_size=32))
+    assert _mapped_tensors(model) == []
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    float_model = load(path)
+    assert torch.equal(model.transformer.wte.weight, float_model.transformer.wte.weight)
+
+
 def test_generate_runs_on_packed_weights(tiny_models):
     model = load(tiny_models("llama"), quantization_config=RTNConfig(bits=4, group_size=32))
     out = model.generate(token_batch(batch=1, length=5), max_new_tokens=6, do_sample=False)

@@ -9,8 +9,18 @@ from transformers.quantizers.auto import (
 )
 
 from .bitnet import BitLinearHfQuantizer, BitLinearWarmup, OneBitHfQuantizer, pack_model, set_quantization_strength
-from .config import BitLinearConfig, GPTQConfig, HfCompressConfig, Int8MixedConfig, OneBitConfig, RTNConfig, W8A8Config
+from .config import (
+    BitLinearConfig,
+    GPTQConfig,
+    HfCompressConfig,
+    Int8MixedConfig,
+    OneBitConfig,
+    QATConfig,
+    RTNConfig,
+    W8A8Config,
+)
 from .int8 import Int8MixedHfQuantizer, W8A8HfQuantizer
+from .qat import QATHfQuantizer, attach_quantizer, convert_qat, prepare_qat
 from .quantizer import GPTQHfQuantizer, RTNHfQuantizer
 
 METHODS = {
@@ -20,6 +30,7 @@ METHODS = {
     W8A8Config.quant_method: (W8A8Config, W8A8HfQuantizer),
     BitLinearConfig.quant_method: (BitLinearConfig, BitLinearHfQuantizer),
     OneBitConfig.quant_method: (OneBitConfig, OneBitHfQuantizer),
+    QATConfig.quant_method: (QATConfig, QATHfQuantizer),
 }
 LOADERS = {"gptq": "hf_compress.load_gptq(path)", "bitsandbytes": "hf_compress.load_bitsandbytes_int8(path)"}
 
@@ -57,7 +68,19 @@ def register_all() -> None:
         AutoHfQuantizer.merge_quantization_configs = _refuse_requantizing(AutoHfQuantizer.merge_quantization_configs)
 
 
+def install_peft_hook() -> None:
+    """Teach PEFT our layers (:func:`hf_compress.integrations.peft.install`). peft is a dependency, and
+    ``transformers.trainer_utils`` (which our BitNet callback needs) imports it anyway."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is not None:
+        from .peft import install
+
+        install()
+
+
 register_all()
+install_peft_hook()
 
 __all__ = [
     "BitLinearConfig",
@@ -65,6 +88,11 @@ __all__ = [
     "BitLinearWarmup",
     "OneBitConfig",
     "OneBitHfQuantizer",
+    "QATConfig",
+    "QATHfQuantizer",
+    "attach_quantizer",
+    "convert_qat",
+    "prepare_qat",
     "pack_model",
     "set_quantization_strength",
     "GPTQConfig",

@@ -343,3 +343,52 @@ class OneBitConfig(HfCompressConfig):
         if self.svid not in SVID_METHODS:
             raise ValueError(f"svid must be one of {list(SVID_METHODS)}, got {self.svid!r}")
         check_type(self.layernorm, (bool,), "layernorm", "True or False")
+
+
+QAT_WEIGHT_OBSERVERS = ("minmax", "mse", "percentile")
+QAT_ACT_MODES = ("dynamic", "static")
+
+
+class QATConfig(HfCompressConfig):
+    """Quantization-aware training: every linear becomes a :class:`~hf_compress.nn.qat_linear.FakeQuantLinear` that
+    trains its float weight through the rounding it will be stored with; :func:`hf_compress.convert_qat` then packs it.
+
+    Args:
+        bits: weight bits, 2, 3, 4 or 8.
+        group_size, sym: as :class:`RTNConfig` (the packed layer the model converts to).
+        observer: how the initial weight ranges are chosen: ``minmax`` (the start equals RTN exactly), ``mse`` or
+            ``percentile`` (see :mod:`hf_compress.quant.observers`).
+        learn_scales: train the scales and zero points with the weights (LSQ / LSQ+); False keeps the observer's.
+        activations: None (weight-only: converts to :class:`RTNConfig`'s ``QuantLinear``), ``"dynamic"`` (int8
+            per-token activations) or ``"static"`` (one learned int8 activation scale per layer); both convert to
+            :class:`W8A8Config`'s ``W8A8Linear`` and need ``bits=8, group_size=-1, sym=True``.
+        modules_to_not_convert: module names kept in float, besides the output embeddings.
+    """
+
+    quant_method = "hf_compress_qat"
+    fields = {"bits": 4, "group_size": 128, "sym": False, "observer": "minmax", "learn_scales": True,
+              "activations": None, "modules_to_not_convert": None}
+
+    def post_init(self) -> None:
+        check_bits_and_group(self.bits, self.group_size)
+        for name in ("sym", "learn_scales"):
+            check_type(getattr(self, name), (bool,), name, "True or False")
+        if self.observer not in QAT_WEIGHT_OBSERVERS:
+            raise ValueError(f"observer must be one of {list(QAT_WEIGHT_OBSERVERS)}, got {self.observer!r}")
+        if self.activations is not None:
+            if self.activations not in QAT_ACT_MODES:
+                raise ValueError(f"activations must be None, 'dynamic' or 'static', got {self.activations!r}")
+            if (self.bits, self.group_size, self.sym) != (8, -1, True):
+                raise ValueError(
+                    "int8 activations convert to W8A8Linear, whose weights are 8-bit symmetric per output row: use "
+                    f"bits=8, group_size=-1, sym=True with activations={self.activations!r} (got bits={self.bits}, "
+                    f"group_size={self.group_size}, sym={self.sym}), or activations=None for weight-only QAT"
+                )
+        check_module_list(self.modules_to_not_convert, "modules_to_not_convert")
+
+    def target_config(self) -> HfCompressConfig:
+        """The config of the packed model :func:`hf_compress.convert_qat` produces."""
+        if self.activations is None:
+            return RTNConfig(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                             modules_to_not_convert=copy.deepcopy(self.modules_to_not_convert))
+        return W8A8Config(mode=self.activations, modules_to_not_convert=copy.deepcopy(self.modules_to_not_convert))

@@ -41,6 +41,39 @@ def safetensors_header(path: str) -> dict[str, tuple[list[int], str]]:
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
+def release_checkpoint_map(model: nn.Module) -> None:
+    """Copy the CPU tensors still backed by the checkpoint's memory map (safetensors loads them zero-copy, as
+    storages that cannot be resized). While one of them lives the whole map stays, and with it, counted in the
+    process's resident memory, the page of every float weight read while quantizing: 2.8 GB on the 1B-shaped Llama
+    whose packed weights take 0.35 GB."""
+    copies: dict[int, torch.Tensor] = {}  # tied tensors are copied once and stay tied
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or t.device.type != "cpu" or t.untyped_storage().resizable():
+                    continue
+                if id(t) not in copies:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.clone()  # the Parameter object stays: optimizers and ties see it
+                        copies[id(t)] = t
+                        continue
+                    copies[id(t)] = t.clone()
+                store[name] = copies[id(t)]
+    return_freed_heap()
+
+
+def return_freed_heap() -> None:
+    """Hand the heap freed while quantizing back to the OS: glibc keeps freed blocks below its mmap threshold in
+    the process otherwise (a no-op where the C library has no ``malloc_trim``)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class QuantizeOnLoad(ConversionOps):
     """Turns one float ``weight`` into the stored tensors of its compressed layer."""
 
@@ -221,6 +254,8 @@ class CompressedHfQuantizer(HfQuantizer):
                 and "weight" in m._parameters and m._parameters["weight"].device.type == "meta"]
         if left:
             raise ValueError(f"the checkpoint has no weight for {left[:5]}{'...' if len(left) > 5 else ''}: nothing to quantize")
+        if not self.pre_quantized:
+            release_checkpoint_map(model)
         return model
 
     def _dequantize(self, model, dtype=None):

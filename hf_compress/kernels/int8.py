@@ -47,6 +47,10 @@ def unsupported_reason(name: str, device_type: str, dtype: torch.dtype) -> str |
             return f"{name} runs on CPU tensors, got {device_type}"
         if name == "cpu-onednn" and not _cpu.onednn_available():
             return "this torch build has no oneDNN quantized linear (onednn::qlinear_pointwise)"
+        if name == "cpu-onednn" and not _cpu.has_vnni():
+            # Without VNNI oneDNN multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums saturate (measured here:
+            # 10% error in a tiny Llama's logits); torch._int_mm stays exact.
+            return "this CPU has no VNNI int8 dot product, and oneDNN's AVX2 u8 x s8 path saturates: use cpu-int-mm"
         return None
     if device_type != "cuda":
         return f"triton runs on CUDA tensors, got {device_type}"

@@ -9,8 +9,10 @@ gradient flows to ``qweight``/``qzeros``/``scales``. LoRA adapters train through
 
 Ops:
 
-- ``hf_compress::dequantize``: the float weight ``[out, in]`` (used by the backward so it stays traceable).
-- ``hf_compress::quant_linear_ref``: dequantize + ``F.linear`` in ``x.dtype`` (the reference).
+- ``hf_compress::dequantize_t``: the float weight transposed, ``[in, out]`` (used by the backward so it stays
+  traceable; on CPU one pass of the C++ kernel).
+- ``hf_compress::quant_linear_ref``: dequantize + ``F.linear`` in ``x.dtype`` (the reference, and the training
+  path on CPU, where it beats the int kernels at training batch sizes).
 - ``hf_compress::quant_linear_int8_cpu`` / ``quant_linear_int4_cpu``: see :mod:`hf_compress.kernels.cpu`.
 - ``hf_compress::quant_linear_triton``: the fused Triton kernel, see :mod:`hf_compress.kernels.triton`.
 """
@@ -20,27 +22,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu as _cpu
-from .unpack import dequantize as _dequantize
+from .unpack import dequantize_t as _dequantize_t
 
 # No ``from __future__ import annotations`` in this module: torch.library infers each op's schema from the
 # annotations (``Tensor | None`` -> ``Tensor?``, ``int`` -> ``SymInt``).
 
 
 # ------------------------------------------------------------------------------------------ dequantize
-@torch.library.custom_op("hf_compress::dequantize", mutates_args=())
-def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, in_features: int) -> Tensor:
-    return _dequantize(qweight, qzeros, scales, g_idx, bits, in_features)
+@torch.library.custom_op("hf_compress::dequantize_t", mutates_args=())
+def dequantize_t(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, in_features: int) -> Tensor:
+    return _dequantize_t(qweight, qzeros, scales, g_idx, bits, in_features)
 
 
-@dequantize.register_fake
+@dequantize_t.register_fake
 def _(qweight, qzeros, scales, g_idx, bits, in_features):
-    return scales.new_empty((scales.shape[1], in_features))
+    return scales.new_empty((in_features, scales.shape[1]))
 
 
 # ------------------------------------------------------------------------------------------- reference
 def reference_impl(x, qweight, qzeros, scales, g_idx, bias, bits: int, in_features: int) -> Tensor:
-    w = _dequantize(qweight, qzeros, scales, g_idx, bits, in_features).to(x.dtype)
-    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    wt = _dequantize_t(qweight, qzeros, scales, g_idx, bits, in_features).to(x.dtype)
+    return F.linear(x, wt.t(), bias.to(x.dtype) if bias is not None else None)
 
 
 @torch.library.custom_op("hf_compress::quant_linear_ref", mutates_args=())
@@ -163,8 +165,8 @@ def _backward(ctx, grad):
     qweight, qzeros, scales, g_idx = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.hf_compress.dequantize(qweight, qzeros, scales, g_idx, ctx.bits, ctx.in_features)
-        grad_x = torch.matmul(grad, w.to(grad.dtype))
+        wt = torch.ops.hf_compress.dequantize_t(qweight, qzeros, scales, g_idx, ctx.bits, ctx.in_features)
+        grad_x = torch.matmul(grad, wt.to(grad.dtype).t())
     if ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
     return (grad_x, None, None, None, None, grad_bias) + (None,) * (ctx.n_inputs - 6)

@@ -58,7 +58,13 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.T
     return unpack_rows(qzeros.t(), bits, out_features).t()
 
 
-def dequantize(
+def dequantize(qweight, qzeros, scales, g_idx, bits: int, in_features: int) -> torch.Tensor:
+    """Same result, bit for bit, as :func:`hf_compress.quant.layout.dequantize_layout` (``[out, in]``)."""
+    wt = dequantize_t(qweight, qzeros, scales, g_idx, bits, in_features)
+    return torch.empty((wt.shape[1], wt.shape[0]), dtype=wt.dtype, device=wt.device).copy_(wt.t())
+
+
+def dequantize_t(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
@@ -66,11 +72,18 @@ def dequantize(
     bits: int,
     in_features: int,
 ) -> torch.Tensor:
-    """Same result, bit for bit, as :func:`hf_compress.quant.layout.dequantize_layout` (``[out, in]``)."""
+    """The transposed weight ``[in, out]`` in the scales' dtype (what ``x @ W.T`` multiplies by), the values of
+    :func:`dequantize`. On CPU the C++ kernel writes it in one pass (about a tenth of the time of the tensor
+    operations below on a 2048x5632 layer); elsewhere, or without a compiler, the tensor operations."""
     out_features = scales.shape[1]
     n_groups = scales.shape[0]
-    q = unpack_qweight(qweight, bits, in_features)  # [in, out]
     z = unpack_qzeros(qzeros, bits, out_features)  # [g, out]
+    if qweight.is_cpu and _cpu_kernel():
+        from .cpu.lowbit import dequantize_gptq_cpu
+
+        wt = dequantize_gptq_cpu(qweight, z, scales.to(torch.float32), g_idx.to(torch.int32), bits, in_features)
+        return wt if scales.dtype == torch.float32 else wt.to(scales.dtype)
+    q = unpack_qweight(qweight, bits, in_features)  # [in, out]
     size = contiguous_group_size(g_idx, n_groups)
     if size is not None:  # g_idx = i // size: broadcast per group instead of gathering per column
         pad = n_groups * size - in_features  # the last group may be shorter
@@ -83,8 +96,13 @@ def dequantize(
         gi = g_idx.long()
         w = (q - z[gi]).to(torch.float32)
         w.mul_(scales[gi].to(torch.float32))
-    out = torch.empty((out_features, in_features), dtype=scales.dtype, device=w.device)
-    return out.copy_(w.t())
+    return w if scales.dtype == torch.float32 else w.to(scales.dtype)
+
+
+def _cpu_kernel() -> bool:
+    from .cpu import lowbit
+
+    return lowbit.available()
 
 
 def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int | None:

@@ -36,8 +36,15 @@ def group_qparams(
     weight: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales (rounded to ``scale_dtype``, as stored) and unsigned zero codes, both ``[out, n_groups]``."""
-    spec = weight_spec(bits, group_size, weight.shape[1], sym)
-    lo, hi = reduce_minmax(weight.float(), spec)
+    lo, hi = reduce_minmax(weight.float(), weight_spec(bits, group_size, weight.shape[1], sym))
+    return qparams_from_range(lo, hi, bits, sym, scale_dtype)
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed layout's scales and unsigned zero codes for per-group ranges ``[lo, hi]`` (from min/max or an
+    observer)."""
     if sym:
         # GPTQ's symmetric grid: zero code 2**(bits-1), step 2*absmax/(2**bits - 1), so all 2**bits codes are
         # used (the top one clips +absmax by half a step, the bottom reaches -absmax - step/2).
@@ -46,12 +53,12 @@ def group_qparams(
         scale = (2 * absmax / qmax).clamp(min=torch.finfo(torch.float32).eps * absmax.clamp(min=1.0)).float()
         zeros = torch.full_like(scale, 1 << (bits - 1), dtype=torch.int32)
         return scale.to(scale_dtype), zeros
-    if not sym:
-        # Keep zero representable (the layout stores the zero point as an unsigned code) and the zero code
-        # >= 1: GPTQ v1 checkpoints store z - 1, which cannot hold z = 0. A group of non-negative weights
-        # gives up one level at the bottom for it.
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        lo = torch.minimum(lo, -hi / ((1 << bits) - 2))
+    # Keep zero representable (the layout stores the zero point as an unsigned code) and the zero code
+    # >= 1: GPTQ v1 checkpoints store z - 1, which cannot hold z = 0. A group of non-negative weights
+    # gives up one level at the bottom for it.
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    lo = torch.minimum(lo, -hi / ((1 << bits) - 2))
+    spec = QuantSpec(bits=bits, symmetric=False, signed=False, granularity="tensor")
     scale, zero = qparams_from_minmax(lo, hi, spec)
     scale = scale.to(scale_dtype)
     zeros = (-zero).clamp(1, (1 << bits) - 1).to(torch.int32)

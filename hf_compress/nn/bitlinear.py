@@ -284,6 +284,28 @@ class PackedBitLinear(_LowBitBase):
     def packed_weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
 
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store ``weight [out, in]`` rounded onto this layer's own grid (ternary {-1, 0, 1} or binary ±1 times its
+        scales, which stay). Layers that normalise their input or output cannot take a weight update."""
+        if self.post_norm or self.norm is not None:
+            raise ValueError(
+                "this layer normalises its input (SubLN) or output (OneBit's LayerNorm), so an update added beside it "
+                "(LoRA) cannot be folded into its weight: keep the adapter unmerged (save it on its own and load it "
+                "with PeftModel.from_pretrained)"
+            )
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("the weight holds NaN or inf values: cannot requantize it")
+        step = self.weight_scale.reshape(-1, 1)
+        if self.has_in_scale:
+            step = step * self.in_scale.reshape(1, -1)
+        ratio = weight.float().to(step.device) / step
+        if self.storage_bits == 2:
+            codes = torch.round(ratio).clamp_(-1, 1)
+        else:
+            codes = torch.where(ratio >= 0, 1, -1)
+        self.load_codes(codes.to(torch.int8), self.weight_scale)
+
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
         if self.post_norm or self.norm is not None:
             raise ValueError(

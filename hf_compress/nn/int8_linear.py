@@ -114,6 +114,19 @@ class Int8Linear(nn.Module):
         smooth = self.smooth_divisor
         return w if smooth is None else w * (1.0 / smooth.float())
 
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store ``weight [out, in]`` (the space :meth:`dequantize_weight` returns) rounded onto this layer's own
+        per-row scales (``SCB`` and any smoothing stay)."""
+        check_finite(weight, "the weight")
+        w = weight.float().to(self.SCB.device)
+        smooth = self.smooth_divisor
+        if smooth is not None:
+            w = w * smooth.float()
+        codes = torch.round(w / self.weight_scale.unsqueeze(1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        self._buffers["weight"] = codes
+        self.invalidate_kernel_cache()
+
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
         """An equivalent float layer (``nn.Linear``, or ``Conv1D`` for modules that were GPT-2 Conv1D)."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)

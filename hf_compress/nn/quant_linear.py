@@ -82,6 +82,19 @@ class QuantLinear(nn.Module):
         bit-identical to it)."""
         return kernels.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
 
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store ``weight [out, in]`` rounded onto this layer's own grid (its scales, zero codes and ``g_idx`` stay):
+        merging a small update this way moves each weight by at most the update itself."""
+        from ..methods.rtn import check_finite, codes_for
+        from ..quant.layout import unpack_qzeros
+
+        check_finite(weight)
+        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features).t()
+        scales = self.scales.t()
+        codes = codes_for(weight.to(self.scales.device), scales, zeros, self.g_idx, self.bits)
+        self.load_quantized(QuantizedWeight(codes, scales, zeros, self.g_idx, self.bits, self.group_size))
+
     def to_float(self) -> nn.Module:
         """An equivalent float layer (``nn.Linear``, or ``Conv1D`` for modules that were GPT-2 Conv1D)."""
         return float_layer(self.dequantize_weight(), self.bias.detach() if self.bias is not None else None, self.source_is_conv1d)

@@ -631,6 +631,54 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
 
+// The packed GPTQ layout (hf_compress.quant.layout) dequantized and transposed: out[k, n] =
+// float(q[k, n] - zeros[g_idx[k], n]) * scales[g_idx[k], n] in float32, [K, N], the same operations as
+// hf_compress.kernels.unpack.dequantize (so bit-identical). q[k, n] is the bits-wide field at bit k*bits of
+// column n's little-endian stream of int32 words (qweight [ceil(K*bits/32), N]); 3-bit fields may span two words.
+// One pass writes each output float once; rows of k are spread over the threads. Training through a packed
+// layer (LoRA) multiplies by this weight twice per step, so the dequantization must cost far less than a GEMM.
+at::Tensor dequantize_gptq(const at::Tensor& qweight, const at::Tensor& zeros, const at::Tensor& scales,
+                           const at::Tensor& g_idx, int64_t bits, int64_t in_features) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "qweight must be int32 [words, N]");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  const int64_t K = in_features, N = qweight.size(1);
+  TORCH_CHECK(qweight.size(0) * 32 >= K * bits, "qweight holds fewer than in_features codes");
+  TORCH_CHECK(zeros.dim() == 2 && zeros.size(1) == N && zeros.scalar_type() == at::kInt, "zeros must be int32 [G, N]");
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.scalar_type() == at::kFloat, "scales must be float32 [G, N]");
+  TORCH_CHECK(g_idx.dim() == 1 && g_idx.size(0) == K && g_idx.scalar_type() == at::kInt, "g_idx must be int32 [K]");
+  const auto qw = qweight.contiguous(), zs = zeros.contiguous(), sc = scales.contiguous(), gi = g_idx.contiguous();
+  const int64_t G = zs.size(0);
+  const int32_t* gp = gi.data_ptr<int32_t>();
+  for (int64_t k = 0; k < K; ++k) TORCH_CHECK(gp[k] >= 0 && gp[k] < G, "g_idx[", k, "] = ", gp[k], " is not a group");
+  auto out = at::empty({K, N}, qweight.options().dtype(at::kFloat));
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
+  const int32_t* z = zs.data_ptr<int32_t>();
+  const float* s = sc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const uint32_t mask = (1u << bits) - 1u;
+  at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t bit = k * bits, word = bit >> 5;
+      const int shift = static_cast<int>(bit & 31), spill = shift + static_cast<int>(bits) - 32;
+      const uint32_t* w0 = q + word * N;
+      const int32_t* zr = z + static_cast<int64_t>(gp[k]) * N;
+      const float* sr = s + static_cast<int64_t>(gp[k]) * N;
+      float* orow = o + k * N;
+      if (spill <= 0) {
+        for (int64_t n = 0; n < N; ++n)
+          orow[n] = static_cast<float>(static_cast<int32_t>((w0[n] >> shift) & mask) - zr[n]) * sr[n];
+      } else {  // a 3-bit field across two words: its low bits end word `word`, its high bits start the next
+        const uint32_t* w1 = w0 + N;
+        for (int64_t n = 0; n < N; ++n) {
+          const uint32_t v = ((w0[n] >> shift) | (w1[n] << (bits - spill))) & mask;
+          orow[n] = static_cast<float>(static_cast<int32_t>(v) - zr[n]) * sr[n];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_compress_lowbit, m) {
@@ -639,6 +687,10 @@ TORCH_LIBRARY(hf_compress_lowbit, m) {
       "int isa=-1) -> Tensor");
   // The path isa=-1 picks on this CPU (0 scalar, 1 AVX2, 2 AVX512-VNNI).
   m.def("best_isa() -> int", []() -> int64_t { return best_isa(); });
+  m.def("dequantize_gptq(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, int in_features) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hf_compress_lowbit, CPU, m) { m.impl("linear", &lowbit_linear); }
+TORCH_LIBRARY_IMPL(hf_compress_lowbit, CPU, m) {
+  m.impl("linear", &lowbit_linear);
+  m.impl("dequantize_gptq", &dequantize_gptq);
+}

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "best_isa", "lowbit_linear_cpu", "unavailable_reason"]
+__all__ = ["available", "best_isa", "dequantize_gptq_cpu", "lowbit_linear_cpu", "unavailable_reason"]
 
 _NAME = "hf_compress_lowbit"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lowbit.cpp")
@@ -133,3 +133,12 @@ def lowbit_linear_cpu(
     if not available():
         raise RuntimeError(f"the low-bit CPU kernel is not available: {unavailable_reason()}")
     return torch.ops.hf_compress_lowbit.linear(x, qweight, w_scale, in_scale, bias, bits, in_features, isa)
+
+
+def dequantize_gptq_cpu(qweight, zeros, scales, g_idx, bits: int, in_features: int) -> torch.Tensor:
+    """The packed GPTQ layout's float32 weight, transposed (``[in, out]``), in one threaded pass: ``zeros`` are the
+    unpacked zero codes (int32 ``[groups, out]``), ``scales`` float32 ``[groups, out]``, ``g_idx`` int32 ``[in]``;
+    bit-identical to :func:`hf_compress.kernels.unpack.dequantize` (transposed)."""
+    if not available():
+        raise RuntimeError(f"the low-bit CPU kernel is not available: {unavailable_reason()}")
+    return torch.ops.hf_compress_lowbit.dequantize_gptq(qweight, zeros, scales, g_idx, bits, in_features)

@@ -20,11 +20,17 @@ import torch
 
 from ...quant.int8 import INT8_MAX
 
-__all__ = ["int8_gemm", "onednn_available", "prepare_onednn", "prepare_state", "quantize_activations"]
+__all__ = ["has_vnni", "int8_gemm", "onednn_available", "prepare_onednn", "prepare_state", "quantize_activations"]
 
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has an int8 dot-product instruction (AVX512-VNNI or AVX-VNNI) for oneDNN's u8 x s8 GEMM."""
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def prepare_onednn(weight: torch.Tensor) -> torch.Tensor:
