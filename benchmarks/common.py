@@ -373,3 +373,15 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
 
 def default_out(name: str) -> Path:
     return RESULTS_DIR / f"{name}.json"
+
+
+def run_json_script(cmd: list[str], out: Path) -> dict | None:
+    """Run ``cmd`` (a script in another venv that writes its result to ``out`` as JSON) and read the result; None,
+    with the tail of its stderr printed, when it fails."""
+    import subprocess
+
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if proc.returncode != 0 or not Path(out).is_file():
+        print(f"run failed ({' '.join(str(c) for c in cmd[-8:])}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(Path(out).read_text())

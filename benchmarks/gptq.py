@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,11 +67,7 @@ def run_llmcompressor(args, calib_file, eval_file, bits, group_size, act_order, 
         cmd.append("--act-order")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.is_file():
-        print(f"llm-compressor run failed ({' '.join(cmd[-8:])}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(out.read_text())
+    return common.run_json_script(cmd, out)
 
 
 def main(argv=None) -> int:

@@ -16,19 +16,26 @@ from .integrations import (  # noqa: E402  (registers the methods)
     GPTQConfig,
     HfCompressConfig,
     Int8MixedConfig,
+    LowRankConfig,
+    MagnitudePruneConfig,
     OneBitConfig,
     QATConfig,
     RTNConfig,
+    SparseGPTConfig,
     W8A8Config,
+    WandaConfig,
     convert_qat,
     prepare_qat,
     set_quantization_strength,
 )
 from .integrations import pack_model as pack_bitlinear  # noqa: E402
+from .integrations.structured import StructuredPruneConfig, prune_structured  # noqa: E402
 from .nn.bitlinear import BitLinear, OneBitLinear, PackedBitLinear  # noqa: E402
 from .nn.int8_linear import Int8MixedLinear, W8A8Linear  # noqa: E402
+from .nn.lowrank_linear import LowRankLinear  # noqa: E402
 from .nn.qat_linear import FakeQuantLinear  # noqa: E402
 from .nn.quant_linear import QuantLinear  # noqa: E402
+from .nn.sparse_linear import SparseLinear  # noqa: E402
 
 __all__ = [
     "BitLinear",
@@ -49,8 +56,15 @@ __all__ = [
     "HfCompressConfig",
     "Int8MixedConfig",
     "Int8MixedLinear",
+    "LowRankConfig",
+    "LowRankLinear",
+    "MagnitudePruneConfig",
     "QuantLinear",
     "RTNConfig",
+    "SparseGPTConfig",
+    "SparseLinear",
+    "StructuredPruneConfig",
+    "WandaConfig",
     "W8A8Config",
     "W8A8Linear",
     "__version__",
@@ -65,6 +79,7 @@ __all__ = [
     "lora_config",
     "merge_report",
     "precompute_teacher_logits",
+    "prune_structured",
     "student_from_teacher",
 ]
 

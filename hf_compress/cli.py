@@ -1,4 +1,4 @@
-"""The ``hf-compress`` command line: quantize, export, distill, eval, compare, demo."""
+"""The ``hf-compress`` command line: quantize, prune, lowrank, export, distill, eval, compare, demo."""
 
 from __future__ import annotations
 
@@ -120,10 +120,100 @@ def evaluate(model, tokenizer, text, speed: bool, reference=None) -> dict:
 
 
 def cmd_quantize(args) -> int:
+    return compress_and_save(args, *build_config(args))
+
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def prune_config(args):
+    """The config of ``hf-compress prune``: ``--sparsity`` (fraction removed) or ``--pattern N:M``."""
+    from .integrations import MagnitudePruneConfig, SparseGPTConfig, WandaConfig
+
+    if args.sparsity is None and args.pattern is None:
+        raise ValueError("pass --sparsity S (the fraction of weights removed, e.g. 0.5) or --pattern N:M (e.g. 2:4)")
+    if args.sparsity is not None and args.pattern is not None:
+        raise ValueError("pass either --sparsity or --pattern, not both (an N:M pattern fixes the sparsity at 1 - N/M)")
+    fields = {"sparsity": args.sparsity if args.sparsity is not None else 0.5, "pattern": args.pattern}
+    if args.skip:
+        fields["modules_to_not_convert"] = args.skip
+    quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
+    if quant and args.method != "sparsegpt":
+        raise ValueError(f"--bits/--group-size/--sym quantize while pruning, which only --method sparsegpt does (got {args.method})")
+    if args.method == "magnitude":
+        if args.calib:
+            logger.warning("--calib is ignored by --method magnitude, which needs no calibration data")
+        return MagnitudePruneConfig(**fields)
+    if args.calib is None:
+        raise ValueError(f"--method {args.method} calibrates: pass --calib TEXTFILE (calibration text, never the evaluation text)")
+    fields.update(dataset=str(args.calib), **{k: v for k, v in (("n_samples", args.n_samples), ("seqlen", args.seqlen)) if v is not None})
+    if args.method == "wanda":
+        return WandaConfig(**fields)
+    return SparseGPTConfig(**fields, **quant)
+
+
+def cmd_prune(args) -> int:
+    if args.structured:
+        return cmd_prune_structured(args)
+    if args.method is None:
+        raise ValueError("pass --method magnitude|wanda|sparsegpt, or --structured for channel/head/block pruning")
+    if args.mlp_ratio is not None or args.kv_heads is not None or args.drop_blocks is not None:
+        raise ValueError("--mlp-ratio, --kv-heads and --drop-blocks are structured pruning flags: add --structured")
+    return compress_and_save(args, args.method, prune_config(args))
+
+
+def cmd_prune_structured(args) -> int:
+    from .integrations.loading import load_model
+    from .integrations.save import model_card, save_compressed
+    from .integrations.structured import StructuredPruneConfig, prune_structured
+
+    if args.method is not None or args.sparsity is not None or args.pattern is not None or args.bits is not None:
+        raise ValueError("--structured removes whole channels, heads and blocks: it takes --mlp-ratio, --kv-heads and "
+                         "--drop-blocks, not --method/--sparsity/--pattern/--bits")
+    if args.mlp_ratio is None and args.kv_heads is None and not args.drop_blocks:
+        raise ValueError("--structured needs something to remove: --mlp-ratio R (fraction of MLP channels kept), "
+                         "--kv-heads K (key/value heads kept) and/or --drop-blocks N")
+    if args.calib is None:
+        raise ValueError("--structured ranks channels on calibration activations: pass --calib TEXTFILE (never the evaluation text)")
+    fields = {k: v for k, v in (("n_samples", args.n_samples), ("seqlen", args.seqlen)) if v is not None}
+    config = StructuredPruneConfig(mlp_ratio=1.0 if args.mlp_ratio is None else args.mlp_ratio, kv_heads=args.kv_heads,
+                                   drop_blocks=args.drop_blocks or 0, importance=args.importance,
+                                   compensate=args.compensate, dataset=str(args.calib), **fields)
+    model, tokenizer = load_model(args.model)
+    report = prune_structured(model, config)
+    results = evaluate(model, tokenizer, args.eval_text, speed=False) if args.eval_text else None
+    settings = {k: v for k, v in vars(config).items() if k not in ("dataset", "tokenizer")}
+    card = model_card(str(args.model), "structured pruning", {**settings, **{k: report[k] for k in ("parameters_before", "parameters_after", "dropped_blocks")}}, results)
+    out = save_compressed(model, args.output, tokenizer=tokenizer, card=card, results=results)
+    print(f"wrote {out} ({report['parameters_after']:,} of {report['parameters_before']:,} parameters; a standard "
+          f"{type(model).__name__}, loads without hf_compress)")
+    return 0
+
+
+def cmd_lowrank(args) -> int:
+    from .integrations import LowRankConfig
+
+    fields = {"method": args.method}
+    fields.update({k: v for k, v in (("param_ratio", args.param_ratio), ("rank", args.rank), ("bits", args.bits),
+                                      ("group_size", args.group_size), ("sym", args.sym), ("n_samples", args.n_samples),
+                                      ("seqlen", args.seqlen)) if v is not None})
+    if args.skip:
+        fields["modules_to_not_convert"] = args.skip
+    if args.method == "svd":
+        if args.calib:
+            logger.warning("--calib is ignored by --method svd, which needs no calibration data")
+    elif args.calib is None:
+        raise ValueError(f"--method {args.method} calibrates: pass --calib TEXTFILE (calibration text, never the evaluation text)")
+    else:
+        fields["dataset"] = str(args.calib)
+    return compress_and_save(args, f"lowrank-{args.method}", LowRankConfig(**fields))
+
+
+def compress_and_save(args, method: str, config) -> int:
+    """Load ``args.model`` compressed by ``config``, optionally evaluate it, and save it atomically with a model card."""
     from .integrations.loading import load_model
     from .integrations.save import model_card, save_compressed
 
-    method, config = build_config(args)
     model, tokenizer = load_model(args.model, quantization_config=config)
     results = None
     if args.eval_text:
@@ -342,6 +432,44 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-text", default=None, help="measure perplexity (or embedding cosine) on this text for the model card")
     q.add_argument("--output", required=True)
     q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser("prune", help="prune a model (bitmask + kept values on disk; reloads with from_pretrained after import hf_compress)")
+    r.add_argument("model", help="local folder or Hub id")
+    r.add_argument("--method", default=None, choices=PRUNE_METHODS, help="unstructured / N:M pruning method")
+    r.add_argument("--sparsity", type=float, default=None, help="fraction of each linear's weights removed, in [0, 1)")
+    r.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (at most N kept in every M)")
+    r.add_argument("--calib", default=None, help="calibration text file (required by wanda and sparsegpt; never the evaluation text)")
+    r.add_argument("--n-samples", dest="n_samples", type=int, default=None, help="calibration windows (128)")
+    r.add_argument("--seqlen", type=int, default=None, help="tokens per window (min(2048, model positions))")
+    r.add_argument("--bits", type=int, default=None, help="sparsegpt: also quantize to 2, 3, 4 or 8 bits in the same pass")
+    r.add_argument("--group-size", dest="group_size", type=int, default=None, help="sparsegpt with --bits: -1 (default) = per output channel")
+    r.add_argument("--sym", type=bool_flag, default=None, help="sparsegpt with --bits: true (default) or false")
+    r.add_argument("--skip", nargs="*", default=None, help="module names to keep dense")
+    r.add_argument("--structured", action="store_true", help="remove whole MLP channels, key/value heads and blocks (a smaller standard model)")
+    r.add_argument("--mlp-ratio", dest="mlp_ratio", type=float, default=None, help="--structured: fraction of MLP channels kept, in (0, 1]")
+    r.add_argument("--kv-heads", dest="kv_heads", type=int, default=None, help="--structured: key/value heads kept per layer")
+    r.add_argument("--drop-blocks", dest="drop_blocks", type=int, default=None, help="--structured: decoder blocks removed")
+    r.add_argument("--importance", default="activation", choices=["activation", "taylor"], help="--structured: channel score")
+    r.add_argument("--compensate", action="store_true", help="--structured: fold removed channels' mean output into biases")
+    r.add_argument("--eval-text", default=None, help="measure perplexity (or embedding cosine) on this text for the model card")
+    r.add_argument("--output", required=True)
+    r.set_defaults(func=cmd_prune)
+
+    lr = sub.add_parser("lowrank", help="factorise every linear into two thin ones (reloads with from_pretrained after import hf_compress)")
+    lr.add_argument("model", help="local folder or Hub id")
+    lr.add_argument("--method", default="svd", choices=["svd", "asvd", "whiten"])
+    lr.add_argument("--param-ratio", dest="param_ratio", type=float, default=None, help="fraction of each linear's weights kept, in (0, 1]")
+    lr.add_argument("--rank", type=int, default=None, help="one rank for every linear (instead of --param-ratio)")
+    lr.add_argument("--calib", default=None, help="calibration text file (required by asvd and whiten; never the evaluation text)")
+    lr.add_argument("--n-samples", dest="n_samples", type=int, default=None, help="calibration windows (128)")
+    lr.add_argument("--seqlen", type=int, default=None, help="tokens per window (min(2048, model positions))")
+    lr.add_argument("--bits", type=int, default=None, help="also quantize the factors (RTN) to 2, 3, 4 or 8 bits")
+    lr.add_argument("--group-size", dest="group_size", type=int, default=None, help="with --bits: -1 (default) = per output channel")
+    lr.add_argument("--sym", type=bool_flag, default=None, help="with --bits: true (default) or false")
+    lr.add_argument("--skip", nargs="*", default=None, help="module names to keep dense")
+    lr.add_argument("--eval-text", default=None, help="measure perplexity on this text for the model card")
+    lr.add_argument("--output", required=True)
+    lr.set_defaults(func=cmd_lowrank)
 
     e = sub.add_parser("eval", help="perplexity (or embedding stats), sizes and tokens/s")
     e.add_argument("model")

@@ -26,6 +26,7 @@ import os
 import resource
 import sys
 import time
+from types import SimpleNamespace
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -222,14 +223,13 @@ def build_recipe(args: argparse.Namespace):
     )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def start_run(args) -> SimpleNamespace:
+    """What every runner starts with: torch threads and seed; llm-compressor's imports (it adds its loguru console
+    sink on import, bound to whatever sys.stdout is then, so stdout is pointed at stderr meanwhile and carries only
+    the result JSON); the calibration windows and evaluation stream; the fp32 model, checked against its positions."""
     threads = args.threads or usable_cores()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-
-    # llm-compressor adds its loguru console sink on import, bound to whatever sys.stdout is then: import it
-    # with stdout pointed at stderr, so that stdout carries only the result JSON.
     with contextlib.redirect_stdout(sys.stderr):
         import compressed_tensors
         import datasets
@@ -240,14 +240,23 @@ def main(argv=None) -> int:
 
     calib = load_calib(args.calib_tokens)
     eval_ids = load_eval(args.eval_tokens)
-    n_samples, seqlen = len(calib), len(calib[0])
-
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="cpu")
     model.eval()
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    for name, length in (("calibration seqlen", seqlen), ("--seqlen-eval", args.seqlen_eval)):
+    for name, length in (("calibration seqlen", len(calib[0])), ("--seqlen-eval", args.seqlen_eval)):
         if max_pos is not None and length > max_pos:
             raise SystemExit(f"{name}={length} exceeds the model's {max_pos} positions")
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__}
+    return SimpleNamespace(threads=threads, oneshot=oneshot, datasets=datasets, versions=versions, model=model,
+                           calib=calib, eval_ids=eval_ids, n_samples=len(calib), seqlen=len(calib[0]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = start_run(args)
+    threads, oneshot, datasets, model = run.threads, run.oneshot, run.datasets, run.model
+    calib, eval_ids, n_samples, seqlen = run.calib, run.eval_ids, run.n_samples, run.seqlen
 
     t0 = time.perf_counter()
     ppl_fp32, n_pred = perplexity(model, eval_ids, args.seqlen_eval, args.eval_batch_size)
@@ -295,9 +304,9 @@ def main(argv=None) -> int:
     print(f"quantized perplexity {ppl_quant:.4f} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
     result = {
-        "llmcompressor_version": llmcompressor.__version__,
-        "compressed_tensors_version": compressed_tensors.__version__,
-        "transformers_version": transformers.__version__,
+        "llmcompressor_version": run.versions["llmcompressor"],
+        "compressed_tensors_version": run.versions["compressed_tensors"],
+        "transformers_version": run.versions["transformers"],
         "torch_version": torch.__version__,
         "bits": args.bits,
         "group_size": args.group_size if args.group_size and args.group_size > 0 else -1,

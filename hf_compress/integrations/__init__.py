@@ -14,12 +14,18 @@ from .config import (
     GPTQConfig,
     HfCompressConfig,
     Int8MixedConfig,
+    LowRankConfig,
+    MagnitudePruneConfig,
     OneBitConfig,
     QATConfig,
     RTNConfig,
+    SparseGPTConfig,
     W8A8Config,
+    WandaConfig,
 )
 from .int8 import Int8MixedHfQuantizer, W8A8HfQuantizer
+from .lowrank import LowRankHfQuantizer
+from .prune import MagnitudePruneHfQuantizer, SparseGPTHfQuantizer, WandaHfQuantizer
 from .qat import QATHfQuantizer, attach_quantizer, convert_qat, prepare_qat
 from .quantizer import GPTQHfQuantizer, RTNHfQuantizer
 
@@ -31,6 +37,10 @@ METHODS = {
     BitLinearConfig.quant_method: (BitLinearConfig, BitLinearHfQuantizer),
     OneBitConfig.quant_method: (OneBitConfig, OneBitHfQuantizer),
     QATConfig.quant_method: (QATConfig, QATHfQuantizer),
+    MagnitudePruneConfig.quant_method: (MagnitudePruneConfig, MagnitudePruneHfQuantizer),
+    WandaConfig.quant_method: (WandaConfig, WandaHfQuantizer),
+    SparseGPTConfig.quant_method: (SparseGPTConfig, SparseGPTHfQuantizer),
+    LowRankConfig.quant_method: (LowRankConfig, LowRankHfQuantizer),
 }
 LOADERS = {"gptq": "hf_compress.load_gptq(path)", "bitsandbytes": "hf_compress.load_bitsandbytes_int8(path)"}
 
@@ -100,10 +110,14 @@ __all__ = [
     "HfCompressConfig",
     "Int8MixedConfig",
     "Int8MixedHfQuantizer",
+    "LowRankConfig",
+    "MagnitudePruneConfig",
     "METHODS",
     "RTNConfig",
     "RTNHfQuantizer",
+    "SparseGPTConfig",
     "W8A8Config",
+    "WandaConfig",
     "W8A8HfQuantizer",
     "register_all",
 ]

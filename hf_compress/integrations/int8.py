@@ -17,7 +17,7 @@ from ..methods.smoothquant import ActivationCalibrator
 from ..nn.int8_linear import Int8Linear, Int8MixedLinear, W8A8Linear
 from .config import Int8MixedConfig, W8A8Config
 from .modules import float_weight, linear_shape, set_submodule
-from .quantizer import CompressedHfQuantizer
+from .quantizer import CalibrateAfterLoading, CompressedHfQuantizer
 
 logger = logging.get_logger(__name__)
 
@@ -66,7 +66,7 @@ class Int8MixedHfQuantizer(Int8HfQuantizer):
         return f"Int8MixedConfig, threshold={self.quantization_config.threshold}"
 
 
-class W8A8HfQuantizer(Int8HfQuantizer):
+class W8A8HfQuantizer(CalibrateAfterLoading, Int8HfQuantizer):
     quantization_config: W8A8Config
     layer_class = W8A8Linear
 
@@ -86,13 +86,6 @@ class W8A8HfQuantizer(Int8HfQuantizer):
     def calibrates(self) -> bool:
         return not self.pre_quantized and self.quantization_config.needs_calibration
 
-    @property
-    def replaces_on_load(self) -> bool:
-        return not self.calibrates
-
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return not self.calibrates and super().param_needs_quantization(model, param_name, **kwargs)
-
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         cfg = self.quantization_config
         if self.calibrates and cfg.dataset is None:
@@ -104,12 +97,7 @@ class W8A8HfQuantizer(Int8HfQuantizer):
             )
         return super()._process_model_before_weight_loading(model, checkpoint_files=checkpoint_files, **kwargs)
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        if self.calibrates:
-            self.calibrate_and_quantize(model)
-        return super()._process_model_after_weight_loading(model, **kwargs)
-
-    def calibrate_and_quantize(self, model) -> dict[str, nn.Module]:
+    def calibrate(self, model) -> dict[str, nn.Module]:
         from .calibration import calibration_tokens
         from .layerwise import compress_layerwise
 

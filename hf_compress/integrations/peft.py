@@ -28,13 +28,14 @@ from ..nn.bitlinear import BitLinear, OneBitLinear, PackedBitLinear
 from ..nn.int8_linear import Int8Linear
 from ..nn.qat_linear import FakeQuantLinear
 from ..nn.quant_linear import QuantLinear
+from ..nn.sparse_linear import SparseLinear
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["QuantizedLoraLinear", "install", "load_adapter", "lora_config", "merge_report"]
 
-# Packed layers LoRA wraps; their weights can be requantized in place (``requantize_``).
-PACKED_LAYERS = (QuantLinear, Int8Linear, PackedBitLinear)
+# Packed layers LoRA wraps; their weights can be requantized in place (``requantize_``; a pruned layer keeps its mask).
+PACKED_LAYERS = (QuantLinear, Int8Linear, PackedBitLinear, SparseLinear)
 # Layers that train their own weights: LoRA beside them would train two things at once.
 TRAINABLE_LAYERS = {
     FakeQuantLinear: "a QAT layer (FakeQuantLinear) trains its own weights: train it directly, or call "

@@ -38,6 +38,22 @@ def safetensors_header(path: str) -> dict[str, tuple[list[int], str]]:
     return {k: (v["shape"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
 
 
+def checkpoint_header(checkpoint_files) -> dict[str, tuple[list[int], str]]:
+    """:func:`safetensors_header` of every safetensors shard, merged."""
+    header = {}
+    for f in checkpoint_files or ():
+        if str(f).endswith(".safetensors") and os.path.isfile(f):
+            header.update(safetensors_header(f))
+    return header
+
+
+def stored_entry(header: dict, model: nn.Module, module_name: str, tensor: str):
+    """``(shape, dtype)`` of ``module_name.tensor`` in a checkpoint header (with or without the base-model
+    prefix), or None."""
+    keys = (f"{module_name}.{tensor}", f"{model.base_model_prefix}.{module_name}.{tensor}")
+    return next((header[k] for k in keys if k in header), None)
+
+
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
@@ -179,7 +195,10 @@ class CompressedHfQuantizer(HfQuantizer):
             if not any(True for _ in parent.parameters(recurse=False)):
                 parent._is_hf_initialized = True
         if self.pre_quantized and checkpoint_files:
-            self.check_checkpoint(model, checkpoint_files)
+            header = checkpoint_header(checkpoint_files)
+            if header:
+                self.fit_to_checkpoint(model, header)
+                self.check_checkpoint(model, header)
 
     @property
     def replaces_on_load(self) -> bool:
@@ -193,24 +212,18 @@ class CompressedHfQuantizer(HfQuantizer):
             "hf_compress quantizes nn.Linear and Conv1D layers"
         )
 
-    def check_checkpoint(self, model, checkpoint_files) -> None:
+    def fit_to_checkpoint(self, model, header: dict) -> None:
+        """Size the empty layers from the stored shapes where the config alone does not fix them (a pruned layer's
+        kept values); ``header`` is :func:`checkpoint_header`'s. Nothing to do for fixed layouts."""
+
+    def check_checkpoint(self, model, header: dict) -> None:
         """Refuse a checkpoint whose stored tensors contradict the config before reading any weight."""
-        header = {}
-        for f in checkpoint_files:
-            if str(f).endswith(".safetensors") and os.path.isfile(f):
-                header.update(safetensors_header(f))
-        if not header:
-            return
         for name, module in model.named_modules():
             if not isinstance(module, self.layer_types):
                 continue
             expected = self.expected_tensors(module)
-
-            def find(t, name=name):
-                return next((header[k] for k in (f"{name}.{t}", f"{model.base_model_prefix}.{name}.{t}") if k in header), None)
-
-            found = {t: find(t) for t in expected}
-            weight = found["weight"] if "weight" in found else find("weight")
+            found = {t: stored_entry(header, model, name, t) for t in expected}
+            weight = found["weight"] if "weight" in found else stored_entry(header, model, name, "weight")
             if weight is not None and weight[1] in FLOAT_DTYPES and expected.get("weight", (None, None))[1] not in FLOAT_DTYPES:
                 raise ValueError(
                     f"checkpoint stores {name}.weight in float but quantization_config says it is quantized: "
@@ -347,25 +360,38 @@ class RTNHfQuantizer(WeightOnlyHfQuantizer):
 
 
 
-class GPTQHfQuantizer(WeightOnlyHfQuantizer):
+class CalibrateAfterLoading:
+    """Mixin (listed before the quantizer base) for the methods that calibrate: the float model loads as usual, then
+    ``calibrate(model)`` compresses it block by block. ``calibrates`` says whether this load needs it (a saved
+    model reloads packed, and some configs calibrate only with some settings)."""
+
+    @property
+    def calibrates(self) -> bool:
+        return not self.pre_quantized
+
+    @property
+    def replaces_on_load(self) -> bool:
+        return not self.calibrates
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return not self.calibrates and super().param_needs_quantization(model, param_name, **kwargs)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.calibrates:
+            self.calibrate(model)
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+    def calibrate(self, model) -> dict:
+        raise NotImplementedError
+
+
+class GPTQHfQuantizer(CalibrateAfterLoading, WeightOnlyHfQuantizer):
     """GPTQ: the float model loads as usual, then calibrates and quantizes block by block after loading."""
 
     quantization_config: GPTQConfig
     scale_dtype = torch.float16  # the GPTQ checkpoint layout the serving ecosystem reads
 
-    @property
-    def replaces_on_load(self) -> bool:
-        return self.pre_quantized
-
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False
-
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
-            self.quantize_model(model)
-        return super()._process_model_after_weight_loading(model, **kwargs)
-
-    def quantize_model(self, model) -> dict[str, float]:
+    def calibrate(self, model) -> dict[str, float]:
         """Calibrate and quantize every convertible linear; returns each layer's relative output error."""
         from .calibration import calibration_tokens
         from .layerwise import compress_layerwise

@@ -68,6 +68,37 @@ def _damped_hinv(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, fl
     return Hinv.to(torch.float32), damp
 
 
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(D H D^T) / tr(W H W^T)`` with ``D = W - approx``: the layer's output error on the calibration inputs
+    (``H = 2/n X^T X``) relative to its output energy."""
+    Hu = H.to(weight.device, torch.float32)
+    Wf = weight.detach().float()
+    D = Wf - approx.float()
+    num, den = ((D @ Hu) * D).sum().item(), ((Wf @ Hu) * Wf).sum().item()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def round_column(w: torch.Tensor, scale: torch.Tensor, neg_zero: torch.Tensor, spec: QuantSpec, round_dtype=None):
+    """``(codes, dequantized)`` of one weight column ``w [out]`` under its group's ``scale``/``-zero`` ``[out, 1]``;
+    the dequantized value is rounded to ``round_dtype`` (the stored scale dtype) when given: exactly what
+    ``QuantizedWeight.dequantize()`` will return."""
+    q = quantize(w[:, None], scale, neg_zero, spec)
+    dq = (q + neg_zero).float().mul_(scale)
+    if round_dtype is not None:
+        dq = dq.to(round_dtype).float()
+    return q[:, 0], dq[:, 0]
+
+
+def start_group(Wt: torch.Tensor, i1: int, gs: int, bits: int, sym: bool, scales: torch.Tensor, zeros: torch.Tensor):
+    """At a group start: the group's scale and zero code from the columns ``Wt[i1 : i1 + gs]`` as they are now
+    (every earlier column's error already fed back), stored into ``scales``/``zeros [out, n_groups]``; returns
+    ``(scale, -zero)`` ``[out, 1]`` for :func:`round_column`."""
+    g = i1 // gs
+    s, z = group_qparams(Wt[i1 : i1 + gs].t(), bits, -1, sym, scales.dtype)
+    scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
+    return s.float(), -z
+
+
 class GPTQ:
     """Accumulates the Hessian of one linear layer's inputs and quantizes its weight with GPTQ."""
 
@@ -204,10 +235,7 @@ class GPTQ:
                 # column's error (gptq.py reads W there without the pending updates of its own block)
                 i2 = min(i2, (i1 // gs + 1) * gs)
                 if i1 % gs == 0:
-                    g = i1 // gs
-                    s, z = group_qparams(Wt[i1 : i1 + gs].t(), bits, -1, sym, scale_dtype)
-                    scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
-                    sf, nz = s.float(), -z
+                    sf, nz = start_group(Wt, i1, gs, bits, sym, scales, zeros)
             W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
             Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=dev)
             for i in range(i2 - i1):
@@ -215,13 +243,9 @@ class GPTQ:
                     g = col_group[i1 + i]
                     sf, nz = scales_f[:, g : g + 1], neg_zeros[:, g : g + 1]
                 w = W1[i]
-                q = quantize(w[:, None], sf, nz, spec)
-                # the stored scale, and dequant rounded to its dtype: exactly what dequantize() returns
-                dq = (q + nz).float().mul_(sf)
-                if round_dq:
-                    dq = dq.to(scale_dtype).float()
-                Qt[i1 + i] = q[:, 0]
-                err = (w - dq[:, 0]) / diag[i1 + i]
+                q, dq = round_column(w, sf, nz, spec, scale_dtype if round_dq else None)
+                Qt[i1 + i] = q
+                err = (w - dq) / diag[i1 + i]
                 W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
                 Err1[i] = err
             loss += Err1.square().sum() / 2
@@ -236,11 +260,7 @@ class GPTQ:
         Q = Qt.t() if perm is None else Qt[torch.argsort(perm)].t()
         qw = QuantizedWeight(Q.contiguous(), scales, zeros, g_idx, bits, group_size)
 
-        Hu = H0.to(dev, torch.float32)
-        Wf = weight.detach().float()
-        D = Wf - qw.dequantize().float()
-        num, den = ((D @ Hu) * D).sum().item(), ((Wf @ Hu) * Wf).sum().item()
-        rel = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        rel = relative_output_error(weight, qw.dequantize(), H0)
         loss_f = loss.item()
         logger.debug("GPTQ %dx%d %d-bit: loss %.4g, relative error %.4g, damp %.3g", out, n, bits, loss_f, rel, damp)
         return GPTQResult(qw, loss_f, rel, damp)

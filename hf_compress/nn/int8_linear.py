@@ -17,11 +17,12 @@ from torch import nn
 from .. import kernels
 from ..quant.int8 import INT8_MAX, absmax_rows, check_finite, int8_linear_reference, quantize_rows
 from .float_layer import float_layer
+from .packed import PackedLayer
 
 ACT_GRANULARITIES = ("per-token", "per-tensor")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(PackedLayer):
     """Shared state and methods of the int8 weight layers; subclasses say how activations are quantized."""
 
     threshold: float | None = None
@@ -41,7 +42,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._kernel_cache: dict = {}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -74,9 +74,6 @@ class Int8Linear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.invalidate_kernel_cache()
 
-    def invalidate_kernel_cache(self) -> None:
-        self._kernel_cache = {}
-
     _FLOAT32_BUFFERS = ("SCB", "input_scale", "smooth")
 
     def _apply(self, fn, recurse=True):
@@ -104,9 +101,6 @@ class Int8Linear(nn.Module):
         return None
 
     per_tensor = False
-
-    def packed_weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight ``[out, in]`` the layer multiplies by (before activation quantization)."""

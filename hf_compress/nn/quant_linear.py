@@ -14,11 +14,10 @@ from torch import nn
 from .. import kernels
 from ..quant.layout import QuantizedWeight, packed_shapes
 from .float_layer import float_layer
+from .packed import PackedLayer
 
-PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 
-
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLayer):
     def __init__(
         self,
         in_features: int,
@@ -40,7 +39,6 @@ class QuantLinear(nn.Module):
             dt = (scale_dtype or dtype) if name == "scales" else torch.int32
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._kernel_cache: dict = {}
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
@@ -65,17 +63,6 @@ class QuantLinear(nn.Module):
             dtype = self.bias.dtype if self.bias is not None else self.scales.dtype
             self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.invalidate_kernel_cache()
-
-    def invalidate_kernel_cache(self) -> None:
-        self._kernel_cache = {}
-
-    def _apply(self, fn, recurse=True):
-        # Prepared kernel tensors belong to the old device/dtype: rebuild them lazily.
-        self.invalidate_kernel_cache()
-        return super()._apply(fn, recurse)
-
-    def packed_weight_bytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PACKED_NAMES)
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float weight ``[out, in]`` in the dtype of the scales (the vectorised twin of ``dequantize_layout``,
