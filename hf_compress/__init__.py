@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .formats.bitnet import export_bitnet, import_bitnet  # noqa: E402
 from .formats.bitsandbytes import export_bitsandbytes, load_bitsandbytes_int8  # noqa: E402
+from .formats.gguf import compute_imatrix, export_gguf, load_gguf  # noqa: E402
 from .formats.gptq import export_gptq, load_gptq  # noqa: E402
 from .integrations import (  # noqa: E402  (registers the methods)
     BitLinearConfig,
@@ -70,11 +71,14 @@ __all__ = [
     "__version__",
     "export_bitnet",
     "export_bitsandbytes",
+    "export_gguf",
     "export_gptq",
+    "compute_imatrix",
     "generate_distillation_dataset",
     "import_bitnet",
     "load_bitsandbytes_int8",
     "load_adapter",
+    "load_gguf",
     "load_gptq",
     "lora_config",
     "merge_report",

@@ -283,7 +283,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    import hf_compress  # noqa: F401  (an hf_compress folder reloads packed)
+
+    from .formats.gguf import export_gguf
+    from .integrations.loading import load_model
+
+    model, tokenizer = load_model(args.src)
+    out = export_gguf(model, tokenizer, args.output, qtype=args.qtype or "Q4_K_M", imatrix=args.calib, n_samples=args.n_samples)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        return cmd_export_gguf(args)
+    if args.qtype is not None or args.calib is not None:
+        raise SystemExit("--qtype and --calib apply to --format gguf only")
     if args.format == "bitsandbytes":
         from .formats.bitsandbytes import export_bitsandbytes as export
     elif args.format == "hf-bitnet":
@@ -485,16 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     x = sub.add_parser("export", help="rewrite a compressed folder in another tool's format")
-    x.add_argument("src", help="a folder written by hf-compress quantize")
+    x.add_argument("src", help="a folder written by hf-compress quantize (gguf: also a float model folder or Hub id)")
     x.add_argument(
         "--format",
         required=True,
-        choices=["gptq", "bitsandbytes", "hf-bitnet"],
+        choices=["gptq", "bitsandbytes", "hf-bitnet", "gguf"],
         help="gptq: quant_method gptq (GPTQModel, vLLM), from rtn/gptq folders; bitsandbytes: an 8-bit "
         "bitsandbytes checkpoint (from_pretrained with bitsandbytes), from llm-int8 folders; hf-bitnet: transformers' "
-        "own bitnet format (stock from_pretrained), from bitnet folders (per-tensor ternary)",
+        "own bitnet format (stock from_pretrained), from bitnet folders (per-tensor ternary); gguf: one llama.cpp "
+        "file (Ollama, LM Studio), from a float model or any hf_compress folder",
     )
-    x.add_argument("--output", required=True)
+    x.add_argument("--output", required=True, help="a folder (gguf: a FILE.gguf)")
+    x.add_argument("--qtype", default=None, help="gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, TQ1_0, TQ2_0, ...")
+    x.add_argument("--calib", default=None, help="gguf: calibration text file for an importance matrix (imatrix)")
+    x.add_argument("--n-samples", type=int, default=64, help="gguf: imatrix windows of 256 tokens (default 64)")
     x.set_defaults(func=cmd_export)
 
     k = sub.add_parser("distill", help="train a student on a teacher's distributions (DistillationTrainer)")

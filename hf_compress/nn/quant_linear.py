@@ -52,6 +52,34 @@ class QuantLinear(PackedLayer):
     def drop_weight_placeholder(self) -> None:
         self._parameters.pop("weight", None)
 
+    @property
+    def mins(self) -> torch.Tensor | None:
+        """Per-group float offsets ``[n_groups, out]`` subtracted after scaling (w = scale·(q − zero) − min), or
+        ``None``: how a GGUF k-quant (Q4_K: w = d·sc·q − dmin·m) is held exactly. Set by :meth:`set_mins`."""
+        return self._buffers.get("group_mins")
+
+    def set_mins(self, mins: torch.Tensor | None) -> None:
+        if mins is not None and tuple(mins.shape) != tuple(self.scales.shape):
+            raise ValueError(f"mins must have the scales' shape {tuple(self.scales.shape)}, got {tuple(mins.shape)}")
+        self.register_buffer("group_mins", None if mins is None else mins.to(torch.float32).contiguous())
+        g = self.scales.shape[0]
+        self._contiguous_groups = self.group_size > 0 and self.in_features == g * self.group_size and bool(
+            (self.g_idx.long() == torch.arange(self.in_features, device=self.g_idx.device) // self.group_size).all()
+        )
+        self.invalidate_kernel_cache()
+
+    def _group_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in]`` summed over each group's columns: ``[..., n_groups]`` (the input of the mins term)."""
+        g = self.scales.shape[0]
+        if getattr(self, "_contiguous_groups", False):
+            return x.reshape(*x.shape[:-1], g, self.group_size).sum(-1)
+        out = x.new_zeros(*x.shape[:-1], g)
+        return out.index_add_(-1, self.g_idx.long(), x)
+
+    def _minus_mins(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        m = self.mins
+        return y if m is None else y - self._group_sums(x.to(torch.float32)).matmul(m).to(y.dtype)
+
     def load_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         """Pack ``qw`` into this module's buffers (dropping any quantize-on-load placeholder)."""
         if (qw.bits, qw.group_size) != (self.bits, self.group_size):
@@ -67,7 +95,9 @@ class QuantLinear(PackedLayer):
     def dequantize_weight(self) -> torch.Tensor:
         """The float weight ``[out, in]`` in the dtype of the scales (the vectorised twin of ``dequantize_layout``,
         bit-identical to it)."""
-        return kernels.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+        w = kernels.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+        m = self.mins
+        return w if m is None else (w.to(torch.float32) - m[self.g_idx.long()].t()).to(w.dtype)
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
@@ -76,6 +106,9 @@ class QuantLinear(PackedLayer):
         from ..methods.rtn import check_finite, codes_for
         from ..quant.layout import unpack_qzeros
 
+        if self.mins is not None:
+            raise ValueError("this layer holds GGUF k-quant mins (loaded by load_gguf): it cannot take a merged update; "
+                             "keep the adapter unmerged")
         check_finite(weight)
         zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features).t()
         scales = self.scales.t()
@@ -88,9 +121,10 @@ class QuantLinear(PackedLayer):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.reference_linear(
+        y = kernels.reference_linear(
             x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.bits, self.in_features
         )
+        return self._minus_mins(y, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quant_linear(x, self)
+        return self._minus_mins(kernels.quant_linear(x, self), x)

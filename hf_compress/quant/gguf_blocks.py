@@ -1,0 +1,577 @@
+"""llama.cpp's block formats as tensor math: quantize a float matrix to GGUF bytes and dequantize them back.
+
+Pure torch, no transformers or gguf import. Every function works on a 2-D weight ``[rows, cols]`` whose ``cols``
+is a multiple of the type's block size and returns ``uint8 [rows, cols / block * type_size]`` (a row's blocks one
+after another, exactly as ``ggml`` lays them out). The quantizers follow ``ggml-quants.c``:
+
+- ``Q8_0``, ``Q4_0``, ``Q5_0``, ``Q5_1``, ``TQ1_0``, ``TQ2_0``: the reference (``*_ref``) rounding;
+- ``Q4_K``, ``Q5_K``: ``make_qkx2_quants`` (a weighted search over 20 / 15 candidate scales for each 32-weight
+  sub-block's scale and min, weights ``av_x + |x|``), then 6-bit sub-block scales under an fp16 super-block scale;
+- ``Q6_K``: ``make_qx_quants`` (rmse search over 18 candidate scales per 16 weights), 8-bit sub-block scales;
+- with an importance matrix (``imatrix``: one weight per input column, the mean of x² over calibration tokens) the
+  ``*_impl`` variants: ``make_qkx3_quants`` + ``make_qp_quants`` for K types, ``make_qx_quants`` for Q4_0/Q5_0/Q6_K,
+  ``make_qkx3_quants`` for Q5_1 (weights ``imatrix · sqrt(σ² + x²)``).
+
+The searches run vectorised over all blocks at once; sums are float32 like the C code's, though summed in another
+order, so a block can round differently from llama.cpp's own bytes where two candidates tie to float precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QK_K = 256
+# name -> (type id in ggml, weights per block, bytes per block)
+TYPES: dict[str, tuple[int, int, int]] = {
+    "F32": (0, 1, 4),
+    "F16": (1, 1, 2),
+    "Q4_0": (2, 32, 18),
+    "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144),
+    "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210),
+    "TQ1_0": (34, 256, 54),
+    "TQ2_0": (35, 256, 66),
+}
+TYPE_NAMES = {v[0]: k for k, v in TYPES.items()}
+# A K or TQ type on a row whose width is not a multiple of 256 falls back as llama.cpp's quantize does (TQ to
+# Q8_0 rather than llama.cpp's Q4_0: Q8_0 holds ternary values times an fp16 scale exactly).
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "TQ1_0": "Q8_0", "TQ2_0": "Q8_0"}
+GROUP_MAX_EPS = 1e-15
+
+__all__ = ["FALLBACK", "QK_K", "TYPES", "TYPE_NAMES", "block_size", "dequantize", "fits", "quantize", "row_bytes"]
+
+
+def block_size(qtype: str) -> int:
+    return TYPES[_check(qtype)][1]
+
+
+def row_bytes(qtype: str, cols: int) -> int:
+    _, blk, size = TYPES[_check(qtype)]
+    return cols // blk * size
+
+
+def fits(qtype: str, cols: int) -> bool:
+    return cols % block_size(qtype) == 0
+
+
+def _check(qtype: str) -> str:
+    if qtype not in TYPES:
+        raise ValueError(f"unknown GGUF type {qtype!r}: supported {', '.join(TYPES)}")
+    return qtype
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _nearest(x: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int``: round half to even (it adds 1.5·2²³ in float), as int32."""
+    return torch.round(x).to(torch.int32)
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's ``roundf``: half away from zero."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 1]`` float -> ``[..., 2]`` uint8, fp16 little-endian (round to nearest even, as GGML_FP32_TO_FP16)."""
+    return x.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def _fp16(b: torch.Tensor) -> torch.Tensor:
+    """``[..., 2]`` uint8 -> ``[..., 1]`` float32."""
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return (lo.to(torch.uint8) & 15) | ((hi.to(torch.uint8) & 15) << 4)
+
+
+def _bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """``[..., 8k]`` 0/1 -> ``[..., k]`` uint8, bit i of byte j = element 8j + i (numpy's little bit order)."""
+    b = bits.to(torch.uint8).reshape(*bits.shape[:-1], -1, 8)
+    return (b << torch.arange(8, dtype=torch.uint8, device=b.device)).sum(-1, dtype=torch.uint8)
+
+
+def _bytes_to_bits(b: torch.Tensor) -> torch.Tensor:
+    return ((b.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=b.device)) & 1).reshape(*b.shape[:-1], -1)
+
+
+def _absmax_signed(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x [B, n]`` the element of largest magnitude, sign kept (the first one on ties), ``[B, 1]``."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True))
+
+
+def _safe_inv(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+# ------------------------------------------------------------------------------------------- the searches
+def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants(rmse_type=1)`` on each row of ``x [B, n]``: signed codes in ``[-nmax, nmax)`` (returned
+    shifted by ``nmax``) and the scale, ``([B, n] int32, [B, 1])``."""
+    w = x * x if weights is None else weights
+    amax = x.abs().amax(-1, keepdim=True)
+    mx = _absmax_signed(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+
+    def trial(iscale):
+        lv = _nearest(iscale * x).clamp(-nmax, nmax - 1)
+        lf = lv.float()
+        return lv, (w * x * lf).sum(-1, keepdim=True), (w * lf * lf).sum(-1, keepdim=True)
+
+    L, sumlx, suml2 = trial(-nmax / mx)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        lv, slx, sl2 = trial(-(nmax + 0.1 * step) / mx)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        L = torch.where(better, lv, L)
+        new_scale = slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2))
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, new_scale * slx, best)
+    L = torch.where(zero, torch.full_like(L, -nmax), L) + nmax
+    return L, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def make_qkx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor, rmin: float, rdelta: float, nstep: int):
+    """``make_qkx2_quants`` / ``make_qkx3_quants`` (they differ only in their arguments) on each row of
+    ``x [B, n]``: codes in ``[0, nmax]``, scale and min (``-min`` as ggml returns it: the offset subtracted)."""
+    mn = mn0 = x.amin(-1, keepdim=True).clamp(max=0)
+    mx = x.amax(-1, keepdim=True)
+    sum_w = weights.sum(-1, keepdim=True)
+    sum_x = (weights * x).sum(-1, keepdim=True)
+    flat = mx <= mn
+    span = torch.where(flat, torch.ones_like(mx), mx - mn)
+
+    def error(L, scale, m):
+        diff = scale * L.float() + m - x
+        return (weights * diff * diff).sum(-1, keepdim=True)
+
+    iscale = nmax / span
+    scale = 1.0 / iscale
+    L = _nearest(iscale * (x - mn)).clamp(0, nmax)
+    best = error(L, scale, mn)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / span
+        la = _nearest(iscale * (x - mn)).clamp(0, nmax)
+        lf = la.float()
+        sum_l = (weights * lf).sum(-1, keepdim=True)
+        sum_l2 = (weights * lf * lf).sum(-1, keepdim=True)
+        sum_xl = (weights * lf * x).sum(-1, keepdim=True)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        cur = error(la, this_scale, this_min)
+        better = ok & (cur < best)
+        L = torch.where(better, la, L)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return L, scale, -torch.where(flat, mn0, mn)
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qp_quants`` on each row of ``x [B, n]`` (non-negative values: the sub-block scales or mins)."""
+    mx = x.amax(-1, keepdim=True)
+    zero = mx < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+
+    def mse(iscale):
+        lv = _nearest(iscale * x).clamp(max=nmax)
+        d = x - lv.float() / iscale
+        return (weights * d * d).sum(-1, keepdim=True)
+
+    iscale = nmax / mx
+    L0 = _nearest(iscale * x)
+    d0 = x - L0.float() / iscale
+    best = (weights * d0 * d0).sum(-1, keepdim=True)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        cand = (0.1 * step + nmax) / mx
+        m = mse(cand)
+        better = m < best
+        best = torch.where(better, m, best)
+        iscale = torch.where(better, cand, iscale)
+    L = _nearest(iscale * x).clamp(max=nmax)
+    lf = L.float()
+    sumlx = (weights * x * lf).sum(-1, keepdim=True)
+    suml2 = (weights * lf * lf).sum(-1, keepdim=True)
+    for _ in range(5):  # greedy per-element refinement, in element order as in the C loop
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[-1]):
+            w, xi, li = weights[:, i : i + 1], x[:, i : i + 1], L[:, i : i + 1].float()
+            slx = sumlx - w * xi * li
+            sl2 = suml2 - w * li * li
+            can = (slx > 0) & (sl2 > 0)
+            new_l = _nearest(xi * sl2 / torch.where(can, slx, torch.ones_like(slx))).clamp(max=nmax)
+            nf = new_l.float()
+            slx2, sl22 = slx + w * xi * nf, sl2 + w * nf * nf
+            take = can & (new_l != L[:, i : i + 1]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i : i + 1] = torch.where(take, new_l, L[:, i : i + 1])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+            changed |= take
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    return torch.where(zero, torch.zeros_like(L), L), torch.where(zero, torch.zeros_like(scale), scale)
+
+
+# --------------------------------------------------------------------------------------------- 32-blocks
+def _blocks(w: torch.Tensor, size: int) -> torch.Tensor:
+    return w.reshape(-1, size)
+
+
+def _imatrix_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return qw * torch.sqrt(sigma2 + x * x)
+
+
+def _row_sigma2(w: torch.Tensor, n_blocks_per_row: int, block: int) -> torch.Tensor:
+    """σ² = mean x² over each whole row, repeated per block: ``[rows*n_blocks, 1]``."""
+    s = (w * w).sum(-1, keepdim=True) / w.shape[-1]
+    return s.repeat_interleave(n_blocks_per_row, 0)
+
+
+def _q8_0(w, imatrix):
+    x = _blocks(w, 32)
+    d = x.abs().amax(-1, keepdim=True) / 127
+    q = _roundf(x * _safe_inv(d)).to(torch.int8)
+    return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], -1)
+
+
+def _q4_0(w, imatrix):
+    x = _blocks(w, 32)
+    if imatrix is None:
+        d = _absmax_signed(x) / -8
+        L = torch.trunc(x * _safe_inv(d) + 8.5).clamp(max=15).to(torch.int32)
+    else:
+        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
+        wt = _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
+        L, d = make_qx_quants(x, 8, wt)
+    return torch.cat([_fp16_bytes(d), _nibbles(L[:, :16], L[:, 16:])], -1)
+
+
+def _q5_pack(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    qs = _nibbles(L[:, :16], L[:, 16:])
+    qh = _bits_to_bytes((L >> 4) & 1)  # bit j of the uint32 = bit 4 of L[j]
+    return qh, qs
+
+
+def _q5_0(w, imatrix):
+    x = _blocks(w, 32)
+    if imatrix is None:
+        d = _absmax_signed(x) / -16
+        L = torch.trunc(x * _safe_inv(d) + 16.5).clamp(max=31).to(torch.int32)
+    else:
+        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
+        wt = _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
+        L, d = make_qx_quants(x, 16, wt)
+    qh, qs = _q5_pack(L)
+    return torch.cat([_fp16_bytes(d), qh, qs], -1)
+
+
+def _q5_1(w, imatrix):
+    x = _blocks(w, 32)
+    if imatrix is None:
+        mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d = (mx - mn) / 31
+        L = torch.trunc((x - mn) * _safe_inv(d) + 0.5).to(torch.int32)
+        m = mn
+    else:
+        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
+        wt = _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
+        L, d, neg_min = make_qkx_quants(x, 31, wt, -0.9, 0.05, 36)
+        m = -neg_min
+    qh, qs = _q5_pack(L)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(m), qh, qs], -1)
+
+
+# ------------------------------------------------------------------------------------------------ k-quants
+def _pack_k_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 six-bit scales and mins ``[B, 8]`` -> the 12-byte ``scales`` field of Q4_K / Q5_K."""
+    ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
+    s = torch.zeros(ls.shape[0], 12, dtype=torch.uint8, device=ls.device)
+    s[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    s[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    s[:, 8:12] = (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4)
+    return s
+
+
+def _unpack_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``get_scale_min_k4`` for j = 0..7: ``([B, 8], [B, 8])`` int32."""
+    s = s.to(torch.int32)
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 6) << 4)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 6) << 4)], -1)
+    return sc, mn
+
+
+def _k_scales_mins(w: torch.Tensor, nmax: int, imatrix, rmin: float, nstep: int):
+    """Sub-block codes, and the super-block's packed scales and fp16 d / dmin, for Q4_K (nmax 15) or Q5_K (31)."""
+    xs = w.reshape(-1, 8, 32)
+    nb = xs.shape[0]
+    x = xs.reshape(-1, 32)
+    if imatrix is None:
+        av_x = torch.sqrt((x * x).sum(-1, keepdim=True) / 32)
+        wt = av_x + x.abs()
+        _, scales, mins = make_qkx_quants(x, nmax, wt, rmin, 0.1, nstep)
+        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+        max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
+        max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+        inv_scale = torch.where(max_scale > 0, 63.0 / max_scale.clamp(min=1e-30), torch.zeros_like(max_scale))
+        inv_min = torch.where(max_min > 0, 63.0 / max_min.clamp(min=1e-30), torch.zeros_like(max_min))
+        ls = _nearest(inv_scale * scales).clamp(max=63)
+        lm = _nearest(inv_min * mins).clamp(max=63)
+        d, dmin = max_scale / 63, max_min / 63
+    else:
+        sigma2 = 2 * (xs * xs).sum((-1, -2)) / QK_K
+        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
+        wt = qw * torch.sqrt(sigma2.repeat_interleave(8).unsqueeze(-1) + x * x)
+        _, scales, mins = make_qkx_quants(x, nmax, wt, -0.9, 0.05, 36)
+        sw = wt.sum(-1).reshape(nb, 8)
+        ls, d = make_qp_quants(scales.reshape(nb, 8), 63, sw)
+        lm, dmin = make_qp_quants(mins.reshape(nb, 8), 63, sw)
+    head = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k_scales(ls, lm)], -1)
+    # The codes are recomputed from the rounded scales, as ggml does.
+    d16, dm16 = _fp16(head[:, 0:2]), _fp16(head[:, 2:4])
+    sc, mn = _unpack_k_scales(head[:, 4:16])
+    dd = (d16 * sc.float()).unsqueeze(-1)
+    dm = (dm16 * mn.float()).unsqueeze(-1)
+    L = _nearest((xs + dm) / torch.where(dd == 0, torch.ones_like(dd), dd)).clamp(0, nmax)
+    L = torch.where(dd == 0, torch.zeros_like(L), L)
+    return head, L.reshape(nb, QK_K)
+
+
+def _q4_k(w, imatrix):
+    head, L = _k_scales_mins(w, 15, imatrix, -1.0, 20)
+    L = L.reshape(-1, 4, 2, 32)  # per 64: q[l] = L[l] | L[l + 32] << 4
+    qs = _nibbles(L[:, :, 0], L[:, :, 1]).reshape(-1, 128)
+    return torch.cat([head, qs], -1)
+
+
+def _q5_k(w, imatrix):
+    head, L = _k_scales_mins(w, 31, imatrix, -0.5, 15)
+    L4 = L.reshape(-1, 4, 2, 32)
+    qs = _nibbles(L4[:, :, 0], L4[:, :, 1]).reshape(-1, 128)
+    hi = ((L >> 4) & 1).reshape(-1, 8, 32)  # bit k of qh[j] = bit 4 of L[32k + j]
+    qh = (hi.to(torch.uint8) << torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)).sum(1, dtype=torch.uint8)
+    return torch.cat([head, qh, qs], -1)
+
+
+def _q6_k(w, imatrix):
+    x = w.reshape(-1, 16)
+    qw = None if imatrix is None else imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 16)
+    _, scales = make_qx_quants(x, 32, qw)
+    scales = scales.reshape(-1, 16)
+    max_scale = _absmax_signed(scales)
+    zero = max_scale.abs() < GROUP_MAX_EPS
+    iscale = -128.0 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+    d = torch.where(zero, torch.zeros_like(iscale), 1.0 / iscale)
+    sc = _nearest(iscale * scales).clamp(max=127)
+    sc = torch.where(zero, torch.zeros_like(sc), sc)
+    d16 = _fp16(_fp16_bytes(d))
+    dd = (d16 * sc.float()).unsqueeze(-1)  # [B, 16, 1]
+    xs = w.reshape(-1, 16, 16)
+    L = _nearest(xs / torch.where(dd == 0, torch.ones_like(dd), dd)).clamp(-32, 31) + 32
+    L = torch.where(dd == 0, torch.full_like(L, 32), L).reshape(-1, 2, 4, 32)  # per 128: four runs of 32
+    ql = torch.cat([_nibbles(L[:, :, 0], L[:, :, 2]), _nibbles(L[:, :, 1], L[:, :, 3])], -1).reshape(-1, 128)
+    hi = (L >> 4).to(torch.uint8)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
+    blocks = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], -1)
+    return torch.where(zero, torch.zeros_like(blocks), blocks)
+
+
+# ------------------------------------------------------------------------------------------------- ternary
+def ternary_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference TQ rounding: per 256 block d = max|x|, codes round(x / d) + 1 in {0, 1, 2}."""
+    x = _blocks(w, QK_K)
+    d = x.abs().amax(-1, keepdim=True)
+    return (_roundf(x * _safe_inv(d)) + 1).to(torch.uint8), d
+
+
+def pack_tq2_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``codes [B, 256]`` in {0, 1, 2} and ``d [B, 1]`` -> TQ2_0 blocks (four codes a byte, 32-byte runs)."""
+    q = codes.reshape(-1, 2, 4, 32) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    qs = (q[:, :, 0] | q[:, :, 1] | q[:, :, 2] | q[:, :, 3]).reshape(-1, 64)
+    return torch.cat([qs, _fp16_bytes(d)], -1)
+
+
+def pack_tq1_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """TQ1_0: five codes a byte in base 3 (as a fixed-point fraction of 243), the last 16 four a byte."""
+    q = codes.to(torch.int32)
+    n = q.shape[0]
+    p5 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32).reshape(1, 1, 5, 1)
+    qs0 = (q[:, :160].reshape(n, -1, 5, 32) * p5).sum(-2).reshape(n, -1)
+    qs1 = (q[:, 160:240].reshape(n, -1, 5, 16) * p5).sum(-2).reshape(n, -1)
+    qh = (q[:, 240:].reshape(n, -1, 4, 4) * p5[:, :, :4]).sum(-2).reshape(n, -1)
+    qs = torch.cat([qs0, qs1, qh], -1)
+    qs = ((qs * 256 + 242) // 243).to(torch.uint8)
+    return torch.cat([qs, _fp16_bytes(d)], -1)
+
+
+def _tq2_0(w, imatrix):
+    return pack_tq2_0(*ternary_codes(w))
+
+
+def _tq1_0(w, imatrix):
+    return pack_tq1_0(*ternary_codes(w))
+
+
+_QUANTIZERS = {
+    "Q8_0": _q8_0, "Q4_0": _q4_0, "Q5_0": _q5_0, "Q5_1": _q5_1,
+    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "TQ1_0": _tq1_0, "TQ2_0": _tq2_0,
+}
+
+
+def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight [rows, cols]`` -> GGUF bytes ``uint8 [rows, row_bytes]``. ``imatrix [cols]``: per-column importance
+    (mean of x² over calibration tokens), used by the types llama.cpp weights (ignored by Q8_0 and TQ)."""
+    _check(qtype)
+    if weight.dim() != 2:
+        raise ValueError(f"quantize takes a 2-D weight [rows, cols], got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if qtype in ("F32", "F16"):
+        return weight.to(torch.float32 if qtype == "F32" else torch.float16).contiguous().view(torch.uint8).reshape(rows, -1)
+    if not fits(qtype, cols):
+        raise ValueError(
+            f"{qtype} needs rows whose width is a multiple of {block_size(qtype)}; this weight has {cols} columns "
+            f"(use {FALLBACK.get(qtype, 'F16')} for it)"
+        )
+    w = weight.detach().to(torch.float32).cpu().contiguous()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("the weight holds NaN or inf values: fix the model before exporting it")
+    if imatrix is not None:
+        imatrix = imatrix.detach().to(torch.float32).cpu().reshape(-1)
+        if imatrix.numel() != cols:
+            raise ValueError(f"the importance matrix has {imatrix.numel()} entries; the weight has {cols} columns")
+    out = _QUANTIZERS[qtype](w, imatrix)
+    return out.reshape(rows, row_bytes(qtype, cols))
+
+
+# ------------------------------------------------------------------------------------------------ dequantize
+def _dq_q8_0(b):
+    return _fp16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+
+
+def _lo_hi(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes -> 32 codes: low nibbles are elements 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 15, qs >> 4], -1).to(torch.int32)
+
+
+def _dq_q4_0(b):
+    return _fp16(b[:, :2]) * (_lo_hi(b[:, 2:]) - 8).float()
+
+
+def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    return _lo_hi(qs) | (_bytes_to_bits(qh).to(torch.int32) << 4)
+
+
+def _dq_q5_0(b):
+    return _fp16(b[:, :2]) * (_q5_codes(b[:, 2:6], b[:, 6:]) - 16).float()
+
+
+def _dq_q5_1(b):
+    return _fp16(b[:, :2]) * _q5_codes(b[:, 4:8], b[:, 8:]).float() + _fp16(b[:, 2:4])
+
+
+def k_scales_mins(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K blocks -> per-32 scale ``d·sc`` and min ``dmin·m``, float32 ``[B, 8]`` each (w = scale·q − min)."""
+    sc, mn = _unpack_k_scales(b[:, 4:16])
+    return _fp16(b[:, 0:2]) * sc.float(), _fp16(b[:, 2:4]) * mn.float()
+
+
+def q4_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """Q4_K blocks -> codes ``[B, 256]`` int32 in element order."""
+    qs = b[:, 16:].reshape(-1, 4, 1, 32)
+    return torch.cat([qs & 15, qs >> 4], 2).reshape(-1, QK_K).to(torch.int32)
+
+
+def _dq_q4_k(b):
+    s, m = k_scales_mins(b)
+    q = q4_k_codes(b).reshape(-1, 8, 32).float()
+    return (s.unsqueeze(-1) * q - m.unsqueeze(-1)).reshape(-1, QK_K)
+
+
+def _dq_q5_k(b):
+    s, m = k_scales_mins(b)
+    qs = b[:, 48:].reshape(-1, 4, 1, 32)
+    lo = torch.cat([qs & 15, qs >> 4], 2).reshape(-1, 8, 32).to(torch.int32)
+    qh = b[:, 16:48].to(torch.int32)
+    hi = (qh.unsqueeze(1) >> torch.arange(8).reshape(1, 8, 1)) & 1
+    q = (lo | (hi << 4)).float()
+    return (s.unsqueeze(-1) * q - m.unsqueeze(-1)).reshape(-1, QK_K)
+
+
+def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks -> unsigned codes ``[B, 256]`` in 0..63 (the value is ``d·scale·(q − 32)``)."""
+    ql = b[:, :128].reshape(-1, 2, 64).to(torch.int32)
+    qh = b[:, 128:192].reshape(-1, 2, 32).to(torch.int32)
+    lo = torch.stack([ql[:, :, :32] & 15, ql[:, :, 32:] & 15, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], 2)
+    hi = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], 2)
+    return (lo | (hi << 4)).reshape(-1, QK_K)
+
+
+def q6_k_scales(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks -> per-16 scales ``d·scale`` float32 ``[B, 16]``."""
+    return _fp16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
+
+
+def _dq_q6_k(b):
+    q = (q6_k_codes(b) - 32).reshape(-1, 16, 16).float()
+    return (q6_k_scales(b).unsqueeze(-1) * q).reshape(-1, QK_K)
+
+
+def tq_codes(b: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """TQ1_0 / TQ2_0 blocks -> codes ``[B, 256]`` in {0, 1, 2} (value = d·(code − 1)) and ``d [B, 1]``."""
+    if qtype == "TQ2_0":
+        qs = b[:, :64].reshape(-1, 2, 1, 32)
+        q = (qs >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
+        return q.reshape(-1, QK_K).to(torch.int32), _fp16(b[:, 64:66])
+    n = b.shape[0]
+    pw = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32).reshape(1, 1, 5, 1)
+    qs = b[:, :48].to(torch.int32)
+    q0 = (qs[:, :32].reshape(n, 1, 1, 32) * pw) & 255
+    q1 = (qs[:, 32:48].reshape(n, 1, 1, 16) * pw) & 255
+    qh = (b[:, 48:52].to(torch.int32).reshape(n, 1, 1, 4) * pw[:, :, :4]) & 255
+    q = torch.cat([q0.reshape(n, -1), q1.reshape(n, -1), qh.reshape(n, -1)], -1)
+    return (q * 3) >> 8, _fp16(b[:, 52:54])
+
+
+def _dq_tq(qtype):
+    def run(b):
+        q, d = tq_codes(b, qtype)
+        return d * (q - 1).float()
+
+    return run
+
+
+_DEQUANTIZERS = {
+    "Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q5_0": _dq_q5_0, "Q5_1": _dq_q5_1,
+    "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k, "TQ1_0": _dq_tq("TQ1_0"), "TQ2_0": _dq_tq("TQ2_0"),
+}
+
+
+def dequantize(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    """GGUF bytes ``uint8 [rows, row_bytes]`` -> float32 ``[rows, cols]``."""
+    _check(qtype)
+    data = data.reshape(-1, row_bytes(qtype, cols)).contiguous()
+    rows = data.shape[0]
+    if qtype == "F32":
+        return data.view(torch.float32).reshape(rows, cols).clone()
+    if qtype == "F16":
+        return data.view(torch.float16).reshape(rows, cols).float()
+    _, _, size = TYPES[qtype]
+    return _DEQUANTIZERS[qtype](data.reshape(-1, size)).reshape(rows, cols)

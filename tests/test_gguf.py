@@ -1,0 +1,411 @@
+"""GGUF: block formats against the gguf package, the writer against stock transformers' GGUF loader, load_gguf,
+and (marked ``llamacpp``, with llama-cpp-python installed) llama.cpp itself on our files."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers as t
+
+from conftest import CALIB, HELDOUT, PYDOC_MODEL, needs_pydoc
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as GT  # noqa: E402
+from gguf import quants as gq  # noqa: E402
+
+from hf_compress import QuantLinear, export_gguf, kernels, load_gguf  # noqa: E402
+from hf_compress.formats import gguf as fmt  # noqa: E402
+from hf_compress.nn.gguf_linear import GGUFEmbedding, GGUFLinear  # noqa: E402
+from hf_compress.quant import gguf_blocks as B  # noqa: E402
+
+ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"]
+SAMPLE = 'def parse(text):\n    """Return the café\'s 12 items."""\n    return [x for x in text.split()]  # naïve\n'
+
+
+def _weight(rows=48, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[0, :256] = 0.0  # an all-zero block
+    w[1, 3] = 0.9  # an outlier
+    w[2] = w[2].abs()  # an all-positive row: the K-quant min clamps to 0
+    return w
+
+
+def _imatrix(cols=512, seed=1):
+    return torch.rand(cols, generator=torch.Generator().manual_seed(seed)) * 3 + 0.05
+
+
+# ------------------------------------------------------------------------------------------ block formats
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_our_dequantization_equals_gguf_packages_on_our_bytes(qtype, with_imatrix):
+    w = _weight()
+    data = B.quantize(w, qtype, _imatrix() if with_imatrix else None)
+    assert data.dtype == torch.uint8 and tuple(data.shape) == (48, B.row_bytes(qtype, 512))
+    ours = B.dequantize(data, qtype, 512).numpy()
+    theirs = gq.dequantize(data.numpy(), GT[qtype])
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "TQ1_0", "TQ2_0", "Q4_0", "Q5_0", "Q5_1"])
+def test_our_bytes_equal_gguf_packages_quantizer(qtype):
+    w = _weight(seed=3)
+    assert np.array_equal(B.quantize(w, qtype).numpy(), gq.quantize(w.numpy(), GT[qtype]))
+
+
+@pytest.mark.parametrize("qtype,rel", [("Q8_0", 1e-4), ("Q6_K", 1e-3), ("Q5_K", 3e-3), ("Q4_K", 1e-2), ("Q5_0", 4e-3), ("Q4_0", 1.5e-2)])
+def test_quantization_error_is_small(qtype, rel):
+    w = _weight(seed=4)
+    deq = B.dequantize(B.quantize(w, qtype), qtype, 512)
+    assert ((deq - w) ** 2).sum() / (w**2).sum() < rel
+
+
+def _k_error(x, nmax, nstep):
+    wts = torch.sqrt((x * x).mean(-1, keepdim=True)) + x.abs()
+    L, s, m = B.make_qkx_quants(x, nmax, wts, -1.0, 0.1, nstep)
+    return ((s * L.float() - m - x) ** 2 * wts).sum().item()
+
+
+def test_k_quant_search_beats_plain_min_max():
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(5))
+    assert _k_error(x, 15, 20) < 0.9 * _k_error(x, 15, -1)  # nstep -1: the min-max start only
+
+
+def test_imatrix_lowers_the_weighted_error():
+    w, im = _weight(seed=6), _imatrix(seed=7) ** 4  # strongly uneven importance
+    for qtype in ("Q4_K", "Q5_K", "Q6_K", "Q4_0"):
+        plain = B.dequantize(B.quantize(w, qtype), qtype, 512)
+        weighted = B.dequantize(B.quantize(w, qtype, im), qtype, 512)
+        err = lambda d: (((d - w) ** 2) * im).sum().item()  # noqa: E731
+        assert err(weighted) < err(plain), qtype
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 256.*Q5_0"):
+        B.quantize(torch.zeros(4, 704), "Q4_K")
+    with pytest.raises(ValueError, match="NaN"):
+        B.quantize(torch.full((2, 256), float("nan")), "Q8_0")
+    with pytest.raises(ValueError, match="unknown GGUF type"):
+        B.quantize(torch.zeros(2, 256), "Q3_X")
+    with pytest.raises(ValueError, match="importance matrix has 10"):
+        B.quantize(torch.zeros(2, 256), "Q4_K", torch.ones(10))
+
+
+def test_tensor_types_follow_llama_quantize_mixes(caplog):
+    shapes = [("token_embd.weight", (8192, 256)), ("output.weight", (8192, 256)), ("output_norm.weight", (256,))]
+    for i in range(8):
+        shapes += [(f"blk.{i}.attn_v.weight", (128, 256)), (f"blk.{i}.attn_q.weight", (256, 256)),
+                   (f"blk.{i}.ffn_down.weight", (256, 768)), (f"blk.{i}.ffn_up.weight", (704, 256))]
+    with caplog.at_level(logging.WARNING, logger="hf_compress.formats.gguf"):
+        types = fmt.tensor_types(shapes, "Q4_K_M")
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K" and types["output_norm.weight"] == "F32"
+    # use_more_bits(i, 8): i < 1, i >= 7, (i - 1) % 3 == 2 -> layers 0, 3, 6, 7
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(8)] == ["Q6_K" if i in (0, 3, 6, 7) else "Q4_K" for i in range(8)]
+    assert types["blk.1.ffn_down.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q6_K"
+    assert types["blk.0.attn_q.weight"] == "Q4_K"
+    assert fmt.tensor_types(shapes, "Q8_0")["output.weight"] == "Q8_0"
+    assert "written as" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="hf_compress.formats.gguf"):
+        narrow = fmt.tensor_types([("blk.0.attn_v.weight", (128, 704)), ("blk.1.attn_v.weight", (128, 96))], "Q4_K_M")
+    # of 2 layers, layer 1 gets more bits: Q4_K -> Q5_0 and Q6_K -> Q8_0 (32-blocks fit 704 and 96)
+    assert narrow == {"blk.0.attn_v.weight": "Q5_0", "blk.1.attn_v.weight": "Q8_0"}
+    assert "704 columns are not a multiple of 256 (needed by Q4_K): written as Q5_0" in caplog.text
+    assert "96 columns are not a multiple of 256 (needed by Q6_K): written as Q8_0" in caplog.text
+    assert fmt.tensor_types([("blk.0.ffn_up.weight", (64, 96))], "Q4_K_M") == {"blk.0.ffn_up.weight": "Q5_0"}
+    assert fmt.tensor_types([("blk.0.ffn_up.weight", (64, 100))], "Q4_K_M") == {"blk.0.ffn_up.weight": "F16"}
+    with pytest.raises(ValueError, match="unknown GGUF qtype"):
+        fmt.tensor_types(shapes, "Q4_K_X")
+
+
+def test_permutation_round_trips():
+    w = torch.randn(8 * 32, 5)
+    assert torch.equal(fmt._unpermute_qk(fmt._permute_qk(w, 8), 8), w)
+    assert not torch.equal(fmt._permute_qk(w, 8), w)
+
+
+# --------------------------------------------------------------------------------------------- the file
+@pytest.fixture(scope="module")
+def pydoc():
+    if not PYDOC_MODEL.is_dir():
+        pytest.skip(f"local model absent: {PYDOC_MODEL}")
+    return t.AutoModelForCausalLM.from_pretrained(PYDOC_MODEL).eval(), t.AutoTokenizer.from_pretrained(PYDOC_MODEL)
+
+
+@pytest.fixture(scope="module")
+def files(pydoc, tmp_path_factory):
+    model, tok = pydoc
+    d = tmp_path_factory.mktemp("gguf")
+    return {q: export_gguf(model, tok, d / f"m-{q}.gguf", q) for q in ("F32", "Q8_0", "Q4_K_M")}
+
+
+def _logits(model, ids):
+    with torch.inference_mode(), kernels.use_backend("reference"):
+        return model(ids).logits
+
+
+@needs_pydoc
+def test_stock_transformers_loads_our_file_exactly(pydoc, files):
+    model, tok = pydoc
+    ids = tok(SAMPLE, return_tensors="pt").input_ids
+    f32 = files["F32"]
+    hf = t.AutoModelForCausalLM.from_pretrained(str(f32.parent), gguf_file=f32.name)
+    # F32: the permutation of q/k rows, names, norms and hyper-parameters are all right iff this is exact
+    assert torch.equal(_logits(hf, ids), _logits(model, ids))
+    htok = t.AutoTokenizer.from_pretrained(str(f32.parent), gguf_file=f32.name)
+    assert htok(SAMPLE)["input_ids"] == tok(SAMPLE)["input_ids"]
+    for q in ("Q8_0", "Q4_K_M"):
+        hf = t.AutoModelForCausalLM.from_pretrained(str(files[q].parent), gguf_file=files[q].name)
+        ours, _ = load_gguf(files[q], tokenizer=tok)
+        assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4
+
+
+@needs_pydoc
+def test_file_metadata_and_types(files, pydoc):
+    reader = gguf.GGUFReader(str(files["Q4_K_M"]))
+    f = reader.fields
+
+    def val(key):
+        field = f[key]
+        return field.parts[field.data[0]].tolist()[0] if len(field.data) == 1 else None
+
+    assert bytes(f["general.architecture"].parts[-1]).decode() == "llama"
+    assert bytes(f["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"  # the source's split regex
+    assert bytes(f["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    assert val("llama.block_count") == 6 and val("llama.attention.head_count_kv") == 4 and val("llama.embedding_length") == 256
+    assert val("llama.context_length") == 512 and val("tokenizer.ggml.add_bos_token") is False
+    types = {x.name: GT(x.tensor_type).name for x in reader.tensors}
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q4_K"
+    assert types["blk.2.ffn_down.weight"] == "Q8_0"  # Q6_K (use_more_bits: layers 2, 5) on 704 columns falls back
+    assert types["blk.0.ffn_down.weight"] == "Q5_0"  # Q4_K on 704 columns falls back
+    assert types["blk.0.attn_norm.weight"] == "F32"
+
+
+@needs_pydoc
+def test_load_gguf_keeps_weights_packed(files, pydoc):
+    model, tok = pydoc
+    q4 = files["Q4_K_M"]
+    ours, _ = load_gguf(q4, tokenizer=tok)
+    layers = dict(ours.named_modules())
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q, QuantLinear) and q.bits == 4 and q.group_size == 32 and q.mins is not None
+    assert isinstance(layers["model.layers.1.mlp.down_proj"], GGUFLinear)  # Q5_0: kept as its bytes
+    assert isinstance(layers["model.layers.2.mlp.down_proj"], QuantLinear) and layers["model.layers.2.mlp.down_proj"].bits == 8
+    assert isinstance(ours.get_input_embeddings(), GGUFEmbedding)
+    nbytes = sum(x.numel() * x.element_size() for x in list(ours.parameters()) + list(ours.buffers()))
+    assert nbytes <= 1.3 * q4.stat().st_size
+    # the fast kernels agree with the reference to bf16 precision
+    ids = tok(SAMPLE, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        fast = ours(ids).logits
+    assert (fast - _logits(ours, ids)).abs().max() < 0.2
+    # every QuantLinear's dequantized weight is the file's dequantized tensor
+    reader = {x.name: x for x in gguf.GGUFReader(str(q4)).tensors}
+    raw = reader["blk.2.ffn_gate.weight"]
+    expect = gq.dequantize(raw.data, raw.tensor_type)
+    assert np.array_equal(layers["model.layers.2.mlp.gate_proj"].dequantize_weight().numpy(), expect)
+
+
+@needs_pydoc
+def test_round_trip_from_gguf_packages_own_quantizer(pydoc, tmp_path, monkeypatch):
+    """A file whose Q8_0 bytes come from gguf.quants.quantize loads through load_gguf with transformers' logits."""
+    model, tok = pydoc
+    monkeypatch.setattr(B, "quantize", lambda w, q, im=None: torch.from_numpy(gq.quantize(w.numpy(), GT[q])))
+    path = export_gguf(model, tok, tmp_path / "gguf-pkg-Q8_0.gguf", "Q8_0")
+    monkeypatch.undo()
+    hf = t.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours, _ = load_gguf(path)
+    ids = tok(SAMPLE, return_tensors="pt").input_ids
+    assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4
+
+
+@needs_pydoc
+@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
+def test_ternary_export_is_lossless_and_loads_packed(qtype, tmp_path, pydoc):
+    _, tok = pydoc
+    from hf_compress import BitLinearConfig
+
+    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, vocab_size=8192)
+    torch.manual_seed(0)
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=BitLinearConfig()).eval()
+    path = export_gguf(model, tok, tmp_path / f"b158-{qtype}.gguf", qtype)
+    types = {x.name: GT(x.tensor_type).name for x in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_up.weight"] == qtype and types["output.weight"] == "F16"
+    ours, _ = load_gguf(path, tokenizer=tok)
+    for name, m in model.named_modules():
+        if hasattr(m, "codes") and name.startswith("model.layers"):
+            ql = dict(ours.named_modules())[name]
+            assert isinstance(ql, QuantLinear) and ql.bits == 2 and ql.group_size == 256
+            scale16 = m.weight_scale.half().float()  # the TQ block scale is fp16
+            assert torch.equal(ql.dequantize_weight(), m.codes().float() * scale16)
+    # the TQ2_0 bytes are what gguf's own quantizer writes for the same ternary weight
+    src = model.model.layers[0].mlp.up_proj
+    w = (src.codes().float() * src.weight_scale.half().float()).numpy()
+    reader = {x.name: x for x in gguf.GGUFReader(str(path)).tensors}
+    assert np.array_equal(np.asarray(reader["blk.0.ffn_up.weight"].data), gq.quantize(w, GT[qtype]))
+    hf = t.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4
+
+
+def test_qwen2_export_has_no_permutation_and_keeps_biases(tmp_path):
+    if not PYDOC_MODEL.is_dir():
+        pytest.skip("needs the local tokenizer")
+    tok = t.AutoTokenizer.from_pretrained(PYDOC_MODEL)
+    config = t.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, vocab_size=8192, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()  # non-zero biases, so a wrong order would show
+            layer.self_attn.k_proj.bias.normal_()
+    path = export_gguf(model, tok, tmp_path / "qwen2.gguf", "F32")
+    names = {x.name for x in gguf.GGUFReader(str(path)).tensors}
+    assert "output.weight" not in names and "blk.0.attn_q.bias" in names  # tied: no output matrix
+    hf = t.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    assert torch.allclose(_logits(hf, ids), _logits(model, ids), atol=1e-5)
+    ours, _ = load_gguf(path, tokenizer=tok)
+    assert torch.allclose(_logits(ours, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_tied_llama_and_a_quantized_source(tmp_path, tiny_models):
+    """An RTN model exports from its own weights; tied embeddings give no output.weight and reload tied."""
+    if not PYDOC_MODEL.is_dir():
+        pytest.skip("needs the local tokenizer")
+    from hf_compress import RTNConfig
+
+    tok = t.AutoTokenizer.from_pretrained(PYDOC_MODEL)
+    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, vocab_size=8192, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=RTNConfig(bits=4, group_size=128)).eval()
+    path = export_gguf(model, tok, tmp_path / "rtn.gguf", "Q8_0")
+    names = {x.name for x in gguf.GGUFReader(str(path)).tensors}
+    assert "output.weight" not in names
+    ours, _ = load_gguf(path, tokenizer=tok)
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    ref = _logits(model, ids)
+    assert (_logits(ours, ids) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# --------------------------------------------------------------------------------------------- errors
+def _tok():
+    if not PYDOC_MODEL.is_dir():
+        pytest.skip("needs the local tokenizer")
+    return t.AutoTokenizer.from_pretrained(PYDOC_MODEL)
+
+
+def test_unmapped_architecture_is_refused(tmp_path, tiny_models):
+    model = t.AutoModelForCausalLM.from_pretrained(tiny_models("gpt2"))
+    with pytest.raises(ValueError, match="maps the architectures llama, mistral, qwen2; this model is 'gpt2'"):
+        export_gguf(model, _tok(), tmp_path / "x.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_folder_writes_nothing(tmp_path, tiny_models):
+    model = t.AutoModelForCausalLM.from_pretrained(tiny_models("llama"))
+    with pytest.raises(FileNotFoundError, match="does not exist: create it first"):
+        export_gguf(model, _tok(), tmp_path / "nope" / "x.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float_model_to_ternary_is_refused(tmp_path):
+    tok = _tok()
+    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                           max_position_embeddings=64, vocab_size=8192)
+    model = t.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="TQ2_0 holds ternary weights only.*BitLinearConfig"):
+        export_gguf(model, tok, tmp_path / "x.gguf", "TQ2_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sub_ln_bitnet_is_refused(tmp_path):
+    from hf_compress import BitLinearConfig
+
+    tok = _tok()
+    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                           max_position_embeddings=64, vocab_size=8192)
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=BitLinearConfig(sub_ln=True))
+    with pytest.raises(ValueError, match="SubLN.*sub_ln=False"):
+        export_gguf(model, tok, tmp_path / "x.gguf", "TQ2_0")
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_narrow_widths_fall_back_per_tensor(tmp_path, tiny_models, caplog):
+    """The tiny Llama's widths (64, 96) hold no 256-blocks: Q4_K_M falls back per tensor and says so."""
+    model = t.AutoModelForCausalLM.from_pretrained(tiny_models("llama"))
+    model.config.vocab_size = 128
+    tok = _tok()
+    with caplog.at_level(logging.WARNING, logger="hf_compress.formats.gguf"):
+        path = export_gguf(model, tok, tmp_path / "tiny.gguf", "Q4_K_M")
+    types = {x.name: GT(x.tensor_type).name for x in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["output.weight"] == "Q8_0"
+    assert "64 columns are not a multiple of 256 (needed by Q4_K): written as Q5_0" in caplog.text
+
+
+def test_load_gguf_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, tiny_models, monkeypatch):
+    model = t.AutoModelForCausalLM.from_pretrained(tiny_models("llama"))
+    tok = _tok()
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"previous")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(B, "quantize", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(model, tok, target, "Q8_0")
+    assert target.read_bytes() == b"previous" and not list(tmp_path.glob(".tmp-*"))
+
+
+@needs_pydoc
+def test_imatrix_from_calibration_text(pydoc, tmp_path):
+    model, tok = pydoc
+    im = fmt.compute_imatrix(model, tok, str(CALIB), n_samples=4, seqlen=128)
+    assert set(im) >= {"model.layers.0.self_attn.q_proj", "lm_head"} and im["lm_head"].shape == (256,)
+    assert bool((im["model.layers.0.mlp.down_proj"] > 0).all())
+    with pytest.raises(ValueError, match="no calibration data"):
+        fmt.compute_imatrix(model, tok, None)
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp
+@pytest.mark.llamacpp
+@needs_pydoc
+def test_llama_cpp_runs_our_files(files, pydoc):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = pydoc
+    ids = tok(SAMPLE)["input_ids"]
+    from hf_compress.eval.perplexity import tokenize_windows
+
+    windows = tokenize_windows(tok, HELDOUT.read_text(), seqlen=256, max_tokens=1024)
+    for q, path in files.items():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+        assert llm.tokenize(SAMPLE.encode(), add_bos=False, special=False) == ids
+        ours, _ = load_gguf(path, tokenizer=tok)
+        nll_cpp = nll_ours = 0.0
+        for row in windows.tolist():
+            llm.reset()
+            llm.eval(row)
+            lc = torch.tensor(np.asarray(llm.scores[: len(row)]), dtype=torch.float64)
+            lo = _logits(ours, torch.tensor([row]))[0].double()
+            tgt = torch.tensor(row[1:])
+            nll_cpp += torch.nn.functional.cross_entropy(lc[:-1], tgt, reduction="sum").item()
+            nll_ours += torch.nn.functional.cross_entropy(lo[:-1], tgt, reduction="sum").item()
+            if q == "F32":
+                assert (lc - lo).abs().max() < 1e-2
+        assert abs(math.exp(nll_cpp / windows[:, 1:].numel()) / math.exp(nll_ours / windows[:, 1:].numel()) - 1) < 0.005
+        llm.close()
