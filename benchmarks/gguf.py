@@ -4,7 +4,7 @@ Rows (perplexity: the first 20,000 tokens of pydoc-heldout in 256-token windows,
 windows go to llama.cpp, each window evaluated from an empty cache):
 
 - float, and our F32 / Q8_0 / Q6_K / Q5_K_M / Q4_K_M exports, Q4_K_M with an importance matrix (64 x 256 tokens of
-  pydoc-calib), each scored by llama.cpp (``llama-cpp-python``) and by us (``load_gguf``, our kernels);
+  pydoc-calib) and Q4_K_M filled by GPTQ (``gptq=True``, the same calibration), each scored by llama.cpp (``llama-cpp-python``) and by us (``load_gguf``, our kernels);
 - llama.cpp's own files of the same model: ``llama_model_quantize`` applied to our F32 export (llama.cpp's
   ``convert_hf_to_gguf.py`` is tried too when ``--llama-cpp-src`` points at a llama.cpp checkout), with the
   per-tensor types it chose compared with ours;
@@ -210,6 +210,8 @@ def main(argv=None) -> int:
             files.append((f"ours {q}", export_gguf(model, tok, tmp / f"ours-{q}.gguf", q)))
             print(f"exported {q} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         files.append(("ours Q4_K_M + imatrix", export_gguf(model, tok, tmp / "ours-Q4_K_M-imat.gguf", "Q4_K_M", imatrix=imatrix)))
+        files.append(("ours Q4_K_M + GPTQ", export_gguf(model, tok, tmp / "ours-Q4_K_M-gptq.gguf", "Q4_K_M", imatrix=str(CALIB),
+                                                         gptq=True, n_samples=64)))
         type_rows = []
         for q in TYPES:
             dst = tmp / f"llamacpp-{q}.gguf"
@@ -276,6 +278,9 @@ def main(argv=None) -> int:
         floors.append(common.floor_row(f"{q} ppl / float (llama.cpp on our file)", by[f"ours {q}"]["ppl llama.cpp / float"], "<=", limit))
     floors.append(common.floor_row("imatrix Q4_K_M / plain Q4_K_M ppl (llama.cpp)",
                                    by["ours Q4_K_M + imatrix"]["ppl llama.cpp"] / by["ours Q4_K_M"]["ppl llama.cpp"], "<=", 1.0))
+    floors.append(common.floor_row("GPTQ Q4_K_M / llama.cpp's own Q4_K_M ppl (llama.cpp)",
+                                   by["ours Q4_K_M + GPTQ"]["ppl llama.cpp"] / by["llama.cpp Q4_K_M (llama_model_quantize of our F32)"]["ppl llama.cpp"],
+                                   "<=", 1.0))
     floors.append(common.floor_row("our Q4_K_M / llama.cpp's own Q4_K_M ppl (llama.cpp)",
                                    by["ours Q4_K_M"]["ppl llama.cpp"] / by["llama.cpp Q4_K_M (llama_model_quantize of our F32)"]["ppl llama.cpp"],
                                    "<=", 1.0))

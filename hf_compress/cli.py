@@ -290,7 +290,8 @@ def cmd_export_gguf(args) -> int:
     from .integrations.loading import load_model
 
     model, tokenizer = load_model(args.src)
-    out = export_gguf(model, tokenizer, args.output, qtype=args.qtype or "Q4_K_M", imatrix=args.calib, n_samples=args.n_samples)
+    out = export_gguf(model, tokenizer, args.output, qtype=args.qtype or "Q4_K_M", imatrix=args.calib, gptq=args.gptq,
+                      n_samples=args.n_samples)
     print(f"wrote {out}")
     return 0
 
@@ -298,8 +299,8 @@ def cmd_export_gguf(args) -> int:
 def cmd_export(args) -> int:
     if args.format == "gguf":
         return cmd_export_gguf(args)
-    if args.qtype is not None or args.calib is not None:
-        raise SystemExit("--qtype and --calib apply to --format gguf only")
+    if args.qtype is not None or args.calib is not None or args.gptq:
+        raise SystemExit("--qtype, --calib and --gptq apply to --format gguf only")
     if args.format == "bitsandbytes":
         from .formats.bitsandbytes import export_bitsandbytes as export
     elif args.format == "hf-bitnet":
@@ -514,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, help="a folder (gguf: a FILE.gguf)")
     x.add_argument("--qtype", default=None, help="gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, TQ1_0, TQ2_0, ...")
     x.add_argument("--calib", default=None, help="gguf: calibration text file for an importance matrix (imatrix)")
-    x.add_argument("--n-samples", type=int, default=64, help="gguf: imatrix windows of 256 tokens (default 64)")
+    x.add_argument("--gptq", action="store_true", help="gguf: fill the blocks by GPTQ on the --calib text (scales as llama.cpp)")
+    x.add_argument("--n-samples", type=int, default=64, help="gguf: calibration windows of 256 tokens (default 64)")
     x.set_defaults(func=cmd_export)
 
     k = sub.add_parser("distill", help="train a student on a teacher's distributions (DistillationTrainer)")

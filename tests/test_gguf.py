@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import transformers as t
-
 from conftest import CALIB, HELDOUT, PYDOC_MODEL, needs_pydoc
 
 gguf = pytest.importorskip("gguf")
@@ -409,3 +408,58 @@ def test_llama_cpp_runs_our_files(files, pydoc):
                 assert (lc - lo).abs().max() < 1e-2
         assert abs(math.exp(nll_cpp / windows[:, 1:].numel()) / math.exp(nll_ours / windows[:, 1:].numel()) - 1) < 0.005
         llm.close()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_grid_and_with_codes_reproduce_the_blocks(qtype):
+    w = _weight(seed=8)
+    data = B.quantize(w, qtype)
+    scale, offset, qmax = B.grid(data, qtype)
+    deq = B.dequantize(data, qtype, 512).reshape(scale.shape)
+    codes = torch.round((deq + offset) / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(0, qmax)
+    assert torch.equal(scale * codes - offset, deq) or (scale * codes - offset - deq).abs().max() < 1e-7
+    rebuilt = B.with_codes(data, qtype, codes)
+    assert torch.equal(B.dequantize(rebuilt, qtype, 512), B.dequantize(data, qtype, 512))
+    nonzero = (scale != 0).all(-1)  # an all-zero block's codes are arbitrary
+    assert torch.equal(rebuilt.reshape(nonzero.shape[0], -1)[nonzero], data.reshape(nonzero.shape[0], -1)[nonzero])
+
+
+def test_gptq_onto_a_gguf_grid_lowers_the_output_error():
+    from hf_compress.methods.gptq import GPTQ
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2048, 256, generator=g) @ (torch.randn(256, 256, generator=g) * 0.2 + torch.eye(256))  # correlated inputs
+    w = torch.randn(64, 256, generator=g) * 0.05
+    q = GPTQ(256)
+    q.add_batch(x)
+    data, rel = fmt._gptq_blocks(q, w, "Q4_K", None)
+    plain = B.quantize(w, "Q4_K")
+    out_err = lambda d: ((x @ (B.dequantize(d, "Q4_K", 256) - w).t()) ** 2).sum().item()  # noqa: E731
+    assert out_err(data) < 0.8 * out_err(plain)
+    assert np.array_equal(B.dequantize(data, "Q4_K", 256).numpy(), gq.dequantize(data.numpy(), GT["Q4_K"]))
+    assert 0 < rel < 0.05
+
+
+@needs_pydoc
+def test_gptq_export_needs_calibration_data_and_writes_a_standard_file(pydoc, tmp_path):
+    model, tok = pydoc
+    with pytest.raises(ValueError, match="gptq=True needs calibration data"):
+        export_gguf(model, tok, tmp_path / "x.gguf", "Q4_K_M", gptq=True)
+    path = export_gguf(model, tok, tmp_path / "g.gguf", "Q4_K_M", imatrix=str(CALIB), gptq=True, n_samples=4, seqlen=128)
+    hf = t.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours, _ = load_gguf(path, tokenizer=tok)
+    ids = tok(SAMPLE, return_tensors="pt").input_ids
+    assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4
+    assert (_logits(ours, ids) - _logits(model, ids)).abs().max() < 2.0
+
+
+@needs_pydoc
+def test_cli_export_gguf(tmp_path):
+    from hf_compress.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(PYDOC_MODEL), "--format", "gguf", "--qtype", "Q8_0", "--output", str(out)]) == 0
+    types = {x.name: GT(x.tensor_type).name for x in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0"
+    with pytest.raises(SystemExit, match="--format gguf only"):
+        main(["export", str(PYDOC_MODEL), "--format", "gptq", "--qtype", "Q8_0", "--output", str(tmp_path / "x")])

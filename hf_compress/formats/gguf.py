@@ -148,31 +148,64 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- imatrix
+def _linear_modules(model):
+    return [(n, m) for n, m in model.named_modules()
+            if n and (isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")))]
+
+
 @torch.no_grad()
-def compute_imatrix(model, tokenizer, data, n_samples: int = 64, seqlen: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
-    """llama.cpp's importance matrix: for every linear, the mean over calibration tokens of x² per input column
-    (``{module name: float32 [in]}``). ``data``: a text file, a list of strings, a Dataset or token windows."""
+def _calibrate(model, tokenizer, data, n_samples: int, seqlen: int, seed: int, hessians: bool):
+    """One pass of calibration windows through ``model`` with a hook on every linear: per linear the sum of x² per
+    input column and the token count, or a ``GPTQ`` object holding the Hessian of its inputs."""
     from ..integrations.calibration import calibration_windows
+    from ..methods.gptq import GPTQ
 
     windows = calibration_windows(data, tokenizer, n_samples, seqlen, seed=seed, config=model.config)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    stats: dict = {}
     hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or hasattr(module, "in_features") and hasattr(module, "out_features"):
-            def hook(mod, args, name=name):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                sums[name] = sums.get(name, 0) + (x * x).sum(0)
-                counts[name] = counts.get(name, 0) + x.shape[0]
-            hooks.append(module.register_forward_pre_hook(hook))
+    for name, module in _linear_modules(model):
+        def hook(mod, args, name=name):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            if hessians:
+                stats.setdefault(name, GPTQ(x.shape[-1], device=x.device)).add_batch(x)
+            else:
+                s, n = stats.get(name, (0, 0))
+                stats[name] = (s + (x * x).sum(0), n + x.shape[0])
+        hooks.append(module.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
-        for row in tqdm(windows, desc="imatrix", leave=False):
+        for row in tqdm(windows, desc="calibration", leave=False):
             model(row.unsqueeze(0).to(device))
     finally:
         for h in hooks:
             h.remove()
-    return {k: (v / counts[k]).cpu() for k, v in sums.items()}
+    return stats
+
+
+def compute_imatrix(model, tokenizer, data, n_samples: int = 64, seqlen: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """llama.cpp's importance matrix: for every linear, the mean over calibration tokens of x² per input column
+    (``{module name: float32 [in]}``). ``data``: a text file, a list of strings, a Dataset or token windows."""
+    stats = _calibrate(model, tokenizer, data, n_samples, seqlen, seed, hessians=False)
+    return {k: (s / n).cpu() for k, (s, n) in stats.items()}
+
+
+def _gptq_blocks(gptq, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """``w`` quantized to ``qtype`` blocks by GPTQ: each block's scales (and mins) chosen as llama.cpp would from
+    the error-updated weights when GPTQ reaches it, then every code rounded with the error of the earlier columns
+    fed back. Returns ``(blocks [out, row_bytes], relative output error)``."""
+    span = blocks.block_size(qtype)
+    starts = iter(range(0, w.shape[1], span))
+
+    def make_grid(w_span):
+        c = next(starts)
+        data = blocks.quantize(w_span, qtype, None if imatrix is None else imatrix[c : c + span])
+        scale, offset, qmax = blocks.grid(data, qtype)
+        out = w_span.shape[0]
+        return scale.reshape(out, span), offset.reshape(out, span), qmax, data
+
+    codes, states, rel = gptq.quantize_on_grid(w, span, make_grid)
+    parts = [blocks.with_codes(st, qtype, codes[:, k * span : (k + 1) * span]) for k, st in enumerate(states)]
+    return torch.cat(parts, 1), rel
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -306,7 +339,6 @@ def _source_tensors(model, arch: str):
     out, seen = [], set()
     for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
         mod_name, _, leaf = pname.rpartition(".")
-        module = modules.get(mod_name)
         if tied and mod_name.endswith("lm_head"):
             continue
         owner = next((q for q in packed if mod_name == q or mod_name.startswith(q + ".")), None)
@@ -335,13 +367,17 @@ def _source_tensors(model, arch: str):
     return out, tied
 
 
-def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, n_samples: int = 64, seqlen: int = 256) -> Path:
+def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gptq: bool = False, n_samples: int = 64,
+                seqlen: int = 256) -> Path:
     """Write ``model`` (float, or compressed by hf_compress) and its tokenizer as a GGUF v3 file at ``path``.
 
     ``qtype``: one of :data:`MIXES` (Q8_0, Q6_K, Q5_K_M, Q4_K_M, ..., TQ1_0 / TQ2_0 for b1.58 models, written from
     their own ternary codes). ``imatrix``: ``{module name: [in] importance}`` from :func:`compute_imatrix`, or
-    calibration data (a text file, a list of strings, a Dataset) to compute it from. The file appears only when
-    complete (written beside it, then renamed)."""
+    calibration data (a text file, a list of strings, a Dataset) to compute it from. ``gptq=True`` (needs
+    calibration data as ``imatrix``): every block type with a scale grid is filled by GPTQ instead of rounding
+    each weight alone -- the scales are still chosen as llama.cpp chooses them, so the file is an ordinary GGUF
+    (the Hessians of all linears are held at once: in_features² floats each). The file appears only when complete
+    (written beside it, then renamed)."""
     import gguf
 
     path = _check_output_path(path)
@@ -349,7 +385,13 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, n_s
         raise ValueError(f"unknown GGUF qtype {qtype!r}: supported {', '.join(MIXES)}")
     config = model.config
     arch = _architecture(config)
-    if imatrix is not None and not isinstance(imatrix, dict):
+    hessians = {}
+    if gptq:
+        if imatrix is None or isinstance(imatrix, dict):
+            raise ValueError("gptq=True needs calibration data: pass imatrix=<a text file, a list of strings or a Dataset>")
+        hessians = _calibrate(model, tokenizer, imatrix, n_samples, seqlen, 0, hessians=True)
+        imatrix = {k: g.H.diagonal().float().cpu() / 2 for k, g in hessians.items()}  # H = 2/n XᵀX: mean x²
+    elif imatrix is not None and not isinstance(imatrix, dict):
         imatrix = compute_imatrix(model, tokenizer, imatrix, n_samples=n_samples, seqlen=seqlen)
     sources, tied = _source_tensors(model, arch)
     shapes = []
@@ -394,8 +436,12 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, n_s
                 if t == "F32" or w.dim() == 1:
                     writer.add_tensor(gname, w.cpu().numpy().astype("float32"))
                     continue
-                im = imatrix.get(mod_name) if imatrix is not None else None
-                data = blocks.quantize(w, t, im if t not in ("Q8_0", "F16") else None)
+                im = imatrix.get(mod_name) if imatrix is not None and t not in ("Q8_0", "F16") else None
+                if mod_name in hessians and t != "F16":
+                    data, rel = _gptq_blocks(hessians.pop(mod_name), w, t, im)
+                    logger.debug(f"{gname} {t} GPTQ: relative output error {rel:.4g}")
+                else:
+                    data = blocks.quantize(w, t, im)
             if t == "F16":
                 writer.add_tensor(gname, data.view(torch.float16).numpy() if data.dtype == torch.uint8 else data.numpy())
             else:
@@ -490,7 +536,7 @@ def load_gguf(path, tokenizer=None, dtype: torch.dtype = torch.float32):
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     modules = dict(model.named_modules())
     used, dequantized = set(), {}
-    for pname, p in list(model.named_parameters()):
+    for pname, _ in list(model.named_parameters()):
         mod_name, _, leaf = pname.rpartition(".")
         gname = tmap.get_name(pname, try_suffixes=(".weight", ".bias"))
         if gname is None or gname not in tensors:
@@ -537,6 +583,9 @@ def load_gguf(path, tokenizer=None, dtype: torch.dtype = torch.float32):
         else:
             raise ValueError(f"{pname}: a {type(module).__name__} weight, which load_gguf does not map")
         set_submodule(model, mod_name, new)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        logger.warning(f"the GGUF file holds tensors this {arch} model has no place for, ignored: {', '.join(unused[:5])}")
     if dequantized:
         logger.info("kept as GGUF blocks, decoded per call (no packed layout of ours holds them exactly): "
                     + ", ".join(f"{n} {t}" for t, n in dequantized.items()))

@@ -264,3 +264,48 @@ class GPTQ:
         loss_f = loss.item()
         logger.debug("GPTQ %dx%d %d-bit: loss %.4g, relative error %.4g, damp %.3g", out, n, bits, loss_f, rel, damp)
         return GPTQResult(qw, loss_f, rel, damp)
+
+    def quantize_on_grid(self, weight: torch.Tensor, span: int, make_grid, damp_percent: float = 0.01, block_size: int = 128):
+        """GPTQ onto a grid that another format chooses (a GGUF block type): at the start of every ``span`` columns,
+        ``make_grid(W [out, span])`` -- the columns as they are now, earlier errors fed back -- returns
+        ``(scale, offset, qmax, state)``: each weight of the span becomes ``scale·q − offset`` with ``q`` in
+        ``[0, qmax]`` (``scale``/``offset`` ``[out, span]``). Returns ``(codes [out, in] int32, [state per span],
+        relative output error)``."""
+        H0 = self._hessian()
+        if self.nsamples == 0:
+            raise ValueError("no calibration data: call add_batch() with the layer's inputs before quantize_on_grid()")
+        check_finite(weight)
+        out, n = weight.shape
+        if n != self.in_features or n % span:
+            raise ValueError(f"weight [{out}, {n}] does not fit a {self.in_features}-input Hessian in spans of {span}")
+        dev = weight.device
+        W = weight.detach().to(torch.float32).clone()
+        dead, _, Hinv, _ = self._factor(dev, False, damp_percent)
+        W[:, dead] = 0
+        Wt, Qt, Dt = W.t().contiguous(), torch.empty(n, out, dtype=torch.int32, device=dev), torch.empty(n, out, device=dev)
+        del W
+        diag = Hinv.diagonal().tolist()
+        states = []
+        i1 = 0
+        while i1 < n:
+            i2 = min(i1 + block_size, (i1 // span + 1) * span, n)
+            if i1 % span == 0:
+                scale, offset, qmax, state = make_grid(Wt[i1 : i1 + span].t())
+                states.append(state)
+                scale_t, offset_t = scale.t().float(), offset.t().float()
+                inv_t = torch.where(scale_t == 0, torch.zeros_like(scale_t), 1 / torch.where(scale_t == 0, torch.ones_like(scale_t), scale_t))
+            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
+            Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=dev)
+            for i in range(i2 - i1):
+                c = (i1 + i) % span
+                w = W1[i]
+                q = torch.round((w + offset_t[c]) * inv_t[c]).clamp_(0, qmax)
+                dq = scale_t[c] * q - offset_t[c]
+                Qt[i1 + i], Dt[i1 + i] = q.to(torch.int32), dq
+                err = (w - dq) / diag[i1 + i]
+                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+                Err1[i] = err
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+            i1 = i2
+        rel = relative_output_error(weight, Dt.t(), H0)
+        return Qt.t().contiguous(), states, rel

@@ -252,15 +252,25 @@ def _q8_0(w, imatrix):
     return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], -1)
 
 
-def _q4_0(w, imatrix):
+def _weights_32(w: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
+    """The ``*_impl`` weights of 32-blocks ``x`` of ``w``: imatrix · sqrt(σ²_row + x²)."""
+    qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
+    return _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
+
+
+def _symmetric_32(w: torch.Tensor, imatrix, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 (nmax 8) / Q5_0 (nmax 16) codes in [0, 2·nmax) and scales: the reference rounding, or make_qx_quants
+    weighted by the imatrix."""
     x = _blocks(w, 32)
     if imatrix is None:
-        d = _absmax_signed(x) / -8
-        L = torch.trunc(x * _safe_inv(d) + 8.5).clamp(max=15).to(torch.int32)
-    else:
-        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
-        wt = _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
-        L, d = make_qx_quants(x, 8, wt)
+        d = _absmax_signed(x) / -nmax
+        return torch.trunc(x * _safe_inv(d) + (nmax + 0.5)).clamp(max=2 * nmax - 1).to(torch.int32), d
+    L, d = make_qx_quants(x, nmax, _weights_32(w, x, imatrix))
+    return L, d
+
+
+def _q4_0(w, imatrix):
+    L, d = _symmetric_32(w, imatrix, 8)
     return torch.cat([_fp16_bytes(d), _nibbles(L[:, :16], L[:, 16:])], -1)
 
 
@@ -271,14 +281,7 @@ def _q5_pack(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q5_0(w, imatrix):
-    x = _blocks(w, 32)
-    if imatrix is None:
-        d = _absmax_signed(x) / -16
-        L = torch.trunc(x * _safe_inv(d) + 16.5).clamp(max=31).to(torch.int32)
-    else:
-        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
-        wt = _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
-        L, d = make_qx_quants(x, 16, wt)
+    L, d = _symmetric_32(w, imatrix, 16)
     qh, qs = _q5_pack(L)
     return torch.cat([_fp16_bytes(d), qh, qs], -1)
 
@@ -291,9 +294,7 @@ def _q5_1(w, imatrix):
         L = torch.trunc((x - mn) * _safe_inv(d) + 0.5).to(torch.int32)
         m = mn
     else:
-        qw = imatrix.reshape(1, -1).expand(w.shape[0], -1).reshape(-1, 32)
-        wt = _imatrix_weights(x, qw, _row_sigma2(w, w.shape[1] // 32, 32))
-        L, d, neg_min = make_qkx_quants(x, 31, wt, -0.9, 0.05, 36)
+        L, d, neg_min = make_qkx_quants(x, 31, _weights_32(w, x, imatrix), -0.9, 0.05, 36)
         m = -neg_min
     qh, qs = _q5_pack(L)
     return torch.cat([_fp16_bytes(d), _fp16_bytes(m), qh, qs], -1)
@@ -575,3 +576,59 @@ def dequantize(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
         return data.view(torch.float16).reshape(rows, cols).float()
     _, _, size = TYPES[qtype]
     return _DEQUANTIZERS[qtype](data.reshape(-1, size)).reshape(rows, cols)
+
+
+# ------------------------------------------------------------------------ the grid of quantized blocks
+def grid(data: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The grid that blocks define: ``(scale, offset, qmax)`` with every weight ``scale·q − offset`` for an unsigned
+    code ``q`` in ``[0, qmax]``; ``scale``/``offset`` float32 ``[n_blocks, block]``, one value per weight (what
+    GPTQ rounds onto). Types with a grid: Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K."""
+    _, blk, size = TYPES[_check(qtype)]
+    b = data.reshape(-1, size)
+    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
+        d = _fp16(b[:, :2])
+        mid, qmax = {"Q8_0": (128, 255), "Q4_0": (8, 15), "Q5_0": (16, 31)}[qtype]
+        scale, offset = d, d * mid
+    elif qtype == "Q5_1":
+        scale, offset, qmax = _fp16(b[:, :2]), -_fp16(b[:, 2:4]), 31
+    elif qtype in ("Q4_K", "Q5_K"):
+        s, m = k_scales_mins(b)
+        scale, offset, qmax = s.repeat_interleave(32, 1), m.repeat_interleave(32, 1), 15 if qtype == "Q4_K" else 31
+    elif qtype == "Q6_K":
+        s = q6_k_scales(b).repeat_interleave(16, 1)
+        scale, offset, qmax = s, 32 * s, 63
+    else:
+        raise ValueError(f"{qtype} has no scale/offset grid (GPTQ onto it is not supported)")
+    return scale.expand(-1, blk).contiguous(), offset.expand(-1, blk).contiguous(), qmax
+
+
+def with_codes(data: torch.Tensor, qtype: str, codes: torch.Tensor) -> torch.Tensor:
+    """``data`` (blocks of ``qtype``) with their codes replaced by ``codes`` (unsigned, ``[n_blocks, block]``, the
+    ``q`` of :func:`grid`), scales and mins kept."""
+    _, blk, size = TYPES[_check(qtype)]
+    b = data.reshape(-1, size).clone()
+    L = codes.reshape(-1, blk).to(torch.int32)
+    if qtype == "Q8_0":
+        b[:, 2:] = (L - 128).to(torch.int8).view(torch.uint8)
+    elif qtype == "Q4_0":
+        b[:, 2:] = _nibbles(L[:, :16], L[:, 16:])
+    elif qtype in ("Q5_0", "Q5_1"):
+        qh, qs = _q5_pack(L)
+        at = 2 if qtype == "Q5_0" else 4
+        b[:, at : at + 4], b[:, at + 4 :] = qh, qs
+    elif qtype == "Q4_K":
+        L4 = L.reshape(-1, 4, 2, 32)
+        b[:, 16:] = _nibbles(L4[:, :, 0], L4[:, :, 1]).reshape(-1, 128)
+    elif qtype == "Q5_K":
+        L4 = L.reshape(-1, 4, 2, 32)
+        b[:, 48:] = _nibbles(L4[:, :, 0], L4[:, :, 1]).reshape(-1, 128)
+        hi = ((L >> 4) & 1).reshape(-1, 8, 32).to(torch.uint8)
+        b[:, 16:48] = (hi << torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)).sum(1, dtype=torch.uint8)
+    elif qtype == "Q6_K":
+        L6 = L.reshape(-1, 2, 4, 32)
+        b[:, :128] = torch.cat([_nibbles(L6[:, :, 0], L6[:, :, 2]), _nibbles(L6[:, :, 1], L6[:, :, 3])], -1).reshape(-1, 128)
+        hi = (L6 >> 4).to(torch.uint8)
+        b[:, 128:192] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
+    else:
+        raise ValueError(f"{qtype} has no scale/offset grid")
+    return b.reshape(data.shape)
