@@ -221,17 +221,24 @@ def test_round_trip_from_gguf_packages_own_quantizer(pydoc, tmp_path, monkeypatc
     assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4
 
 
+def _tiny_llama(tmp_path, quantization_config=None, layers: int = 2, tie: bool = False):
+    """A seeded random Llama with 256-wide rows and the local tokenizer's vocabulary, saved and reloaded (quantized
+    on load when a config is given)."""
+    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, vocab_size=8192, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    kw = {} if quantization_config is None else {"quantization_config": quantization_config}
+    return t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", **kw).eval()
+
+
 @needs_pydoc
 @pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
 def test_ternary_export_is_lossless_and_loads_packed(qtype, tmp_path, pydoc):
     _, tok = pydoc
     from hf_compress import BitLinearConfig
 
-    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=128, vocab_size=8192)
-    torch.manual_seed(0)
-    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
-    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=BitLinearConfig()).eval()
+    model = _tiny_llama(tmp_path, BitLinearConfig())
     path = export_gguf(model, tok, tmp_path / f"b158-{qtype}.gguf", qtype)
     types = {x.name: GT(x.tensor_type).name for x in gguf.GGUFReader(str(path)).tensors}
     assert types["blk.0.ffn_up.weight"] == qtype and types["output.weight"] == "F16"
@@ -281,11 +288,7 @@ def test_tied_llama_and_a_quantized_source(tmp_path, tiny_models):
     from hf_compress import RTNConfig
 
     tok = t.AutoTokenizer.from_pretrained(PYDOC_MODEL)
-    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=128, vocab_size=8192, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
-    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=RTNConfig(bits=4, group_size=128)).eval()
+    model = _tiny_llama(tmp_path, RTNConfig(bits=4, group_size=128), tie=True)
     path = export_gguf(model, tok, tmp_path / "rtn.gguf", "Q8_0")
     names = {x.name for x in gguf.GGUFReader(str(path)).tensors}
     assert "output.weight" not in names
@@ -318,22 +321,17 @@ def test_missing_output_folder_writes_nothing(tmp_path, tiny_models):
 
 def test_float_model_to_ternary_is_refused(tmp_path):
     tok = _tok()
-    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                           max_position_embeddings=64, vocab_size=8192)
-    model = t.AutoModelForCausalLM.from_config(config)
+    model = _tiny_llama(tmp_path, layers=1)
     with pytest.raises(ValueError, match="TQ2_0 holds ternary weights only.*BitLinearConfig"):
         export_gguf(model, tok, tmp_path / "x.gguf", "TQ2_0")
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_sub_ln_bitnet_is_refused(tmp_path):
     from hf_compress import BitLinearConfig
 
     tok = _tok()
-    config = t.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                           max_position_embeddings=64, vocab_size=8192)
-    t.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
-    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=BitLinearConfig(sub_ln=True))
+    model = _tiny_llama(tmp_path, BitLinearConfig(sub_ln=True), layers=1)
     with pytest.raises(ValueError, match="SubLN.*sub_ln=False"):
         export_gguf(model, tok, tmp_path / "x.gguf", "TQ2_0")
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -471,13 +471,13 @@ def _quant_linear(data: torch.Tensor, qtype: str, out_f: int, in_f: int, bias) -
     b = data.reshape(-1, blocks.TYPES[qtype][2])
     if qtype == "Q8_0":
         bits, gs = 8, 32
-        scales = blocks._fp16(b[:, :2]).reshape(out_f, -1)
+        scales = blocks.fp16_values(b[:, :2]).reshape(out_f, -1)
         codes = (b[:, 2:].contiguous().view(torch.int8).to(torch.int32) + 128).reshape(out_f, in_f)
         zero, mins = 128, None
     elif qtype == "Q4_0":
         bits, gs = 4, 32
-        scales = blocks._fp16(b[:, :2]).reshape(out_f, -1)
-        codes = blocks._lo_hi(b[:, 2:]).reshape(out_f, in_f)
+        scales = blocks.fp16_values(b[:, :2]).reshape(out_f, -1)
+        codes = blocks.q4_codes(b[:, 2:]).reshape(out_f, in_f)
         zero, mins = 8, None
     elif qtype == "Q4_K":
         bits, gs = 4, 32

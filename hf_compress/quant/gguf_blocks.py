@@ -79,7 +79,7 @@ def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).contiguous().view(torch.uint8)
 
 
-def _fp16(b: torch.Tensor) -> torch.Tensor:
+def fp16_values(b: torch.Tensor) -> torch.Tensor:
     """``[..., 2]`` uint8 -> ``[..., 1]`` float32."""
     return b.contiguous().view(torch.float16).to(torch.float32)
 
@@ -347,7 +347,7 @@ def _k_scales_mins(w: torch.Tensor, nmax: int, imatrix, rmin: float, nstep: int)
         lm, dmin = make_qp_quants(mins.reshape(nb, 8), 63, sw)
     head = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k_scales(ls, lm)], -1)
     # The codes are recomputed from the rounded scales, as ggml does.
-    d16, dm16 = _fp16(head[:, 0:2]), _fp16(head[:, 2:4])
+    d16, dm16 = fp16_values(head[:, 0:2]), fp16_values(head[:, 2:4])
     sc, mn = _unpack_k_scales(head[:, 4:16])
     dd = (d16 * sc.float()).unsqueeze(-1)
     dm = (dm16 * mn.float()).unsqueeze(-1)
@@ -383,7 +383,7 @@ def _q6_k(w, imatrix):
     d = torch.where(zero, torch.zeros_like(iscale), 1.0 / iscale)
     sc = _nearest(iscale * scales).clamp(max=127)
     sc = torch.where(zero, torch.zeros_like(sc), sc)
-    d16 = _fp16(_fp16_bytes(d))
+    d16 = fp16_values(_fp16_bytes(d))
     dd = (d16 * sc.float()).unsqueeze(-1)  # [B, 16, 1]
     xs = w.reshape(-1, 16, 16)
     L = _nearest(xs / torch.where(dd == 0, torch.ones_like(dd), dd)).clamp(-32, 31) + 32
@@ -464,34 +464,34 @@ def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = No
 
 # ------------------------------------------------------------------------------------------------ dequantize
 def _dq_q8_0(b):
-    return _fp16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    return fp16_values(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
 
 
-def _lo_hi(qs: torch.Tensor) -> torch.Tensor:
+def q4_codes(qs: torch.Tensor) -> torch.Tensor:
     """16 bytes -> 32 codes: low nibbles are elements 0..15, high nibbles 16..31."""
     return torch.cat([qs & 15, qs >> 4], -1).to(torch.int32)
 
 
 def _dq_q4_0(b):
-    return _fp16(b[:, :2]) * (_lo_hi(b[:, 2:]) - 8).float()
+    return fp16_values(b[:, :2]) * (q4_codes(b[:, 2:]) - 8).float()
 
 
 def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    return _lo_hi(qs) | (_bytes_to_bits(qh).to(torch.int32) << 4)
+    return q4_codes(qs) | (_bytes_to_bits(qh).to(torch.int32) << 4)
 
 
 def _dq_q5_0(b):
-    return _fp16(b[:, :2]) * (_q5_codes(b[:, 2:6], b[:, 6:]) - 16).float()
+    return fp16_values(b[:, :2]) * (_q5_codes(b[:, 2:6], b[:, 6:]) - 16).float()
 
 
 def _dq_q5_1(b):
-    return _fp16(b[:, :2]) * _q5_codes(b[:, 4:8], b[:, 8:]).float() + _fp16(b[:, 2:4])
+    return fp16_values(b[:, :2]) * _q5_codes(b[:, 4:8], b[:, 8:]).float() + fp16_values(b[:, 2:4])
 
 
 def k_scales_mins(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K blocks -> per-32 scale ``d·sc`` and min ``dmin·m``, float32 ``[B, 8]`` each (w = scale·q − min)."""
     sc, mn = _unpack_k_scales(b[:, 4:16])
-    return _fp16(b[:, 0:2]) * sc.float(), _fp16(b[:, 2:4]) * mn.float()
+    return fp16_values(b[:, 0:2]) * sc.float(), fp16_values(b[:, 2:4]) * mn.float()
 
 
 def q4_k_codes(b: torch.Tensor) -> torch.Tensor:
@@ -527,7 +527,7 @@ def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
 
 def q6_k_scales(b: torch.Tensor) -> torch.Tensor:
     """Q6_K blocks -> per-16 scales ``d·scale`` float32 ``[B, 16]``."""
-    return _fp16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
+    return fp16_values(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
 
 
 def _dq_q6_k(b):
@@ -540,7 +540,7 @@ def tq_codes(b: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     if qtype == "TQ2_0":
         qs = b[:, :64].reshape(-1, 2, 1, 32)
         q = (qs >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
-        return q.reshape(-1, QK_K).to(torch.int32), _fp16(b[:, 64:66])
+        return q.reshape(-1, QK_K).to(torch.int32), fp16_values(b[:, 64:66])
     n = b.shape[0]
     pw = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32).reshape(1, 1, 5, 1)
     qs = b[:, :48].to(torch.int32)
@@ -548,7 +548,7 @@ def tq_codes(b: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     q1 = (qs[:, 32:48].reshape(n, 1, 1, 16) * pw) & 255
     qh = (b[:, 48:52].to(torch.int32).reshape(n, 1, 1, 4) * pw[:, :, :4]) & 255
     q = torch.cat([q0.reshape(n, -1), q1.reshape(n, -1), qh.reshape(n, -1)], -1)
-    return (q * 3) >> 8, _fp16(b[:, 52:54])
+    return (q * 3) >> 8, fp16_values(b[:, 52:54])
 
 
 def _dq_tq(qtype):
@@ -586,11 +586,11 @@ def grid(data: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, in
     _, blk, size = TYPES[_check(qtype)]
     b = data.reshape(-1, size)
     if qtype in ("Q8_0", "Q4_0", "Q5_0"):
-        d = _fp16(b[:, :2])
+        d = fp16_values(b[:, :2])
         mid, qmax = {"Q8_0": (128, 255), "Q4_0": (8, 15), "Q5_0": (16, 31)}[qtype]
         scale, offset = d, d * mid
     elif qtype == "Q5_1":
-        scale, offset, qmax = _fp16(b[:, :2]), -_fp16(b[:, 2:4]), 31
+        scale, offset, qmax = fp16_values(b[:, :2]), -fp16_values(b[:, 2:4]), 31
     elif qtype in ("Q4_K", "Q5_K"):
         s, m = k_scales_mins(b)
         scale, offset, qmax = s.repeat_interleave(32, 1), m.repeat_interleave(32, 1), 15 if qtype == "Q4_K" else 31
