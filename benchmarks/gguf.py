@@ -4,7 +4,9 @@ Rows (perplexity: the first 20,000 tokens of pydoc-heldout in 256-token windows,
 windows go to llama.cpp, each window evaluated from an empty cache):
 
 - float, and our F32 / Q8_0 / Q6_K / Q5_K_M / Q4_K_M exports, Q4_K_M with an importance matrix (64 x 256 tokens of
-  pydoc-calib) and Q4_K_M filled by GPTQ (``gptq=True``, the same calibration), each scored by llama.cpp (``llama-cpp-python``) and by us (``load_gguf``, our kernels);
+  pydoc-calib), both again with llama.cpp's search alone (``refine=False``), and Q4_K_M filled by GPTQ
+  (``gptq=True``, the same calibration), each scored by llama.cpp (``llama-cpp-python``) and by us (``load_gguf``,
+  our kernels; also the KL from the float model per token, steadier than perplexity this close to float);
 - llama.cpp's own files of the same model: ``llama_model_quantize`` applied to our F32 export (llama.cpp's
   ``convert_hf_to_gguf.py`` is tried too when ``--llama-cpp-src`` points at a llama.cpp checkout), with the
   per-tensor types it chose compared with ours;
@@ -98,19 +100,22 @@ class LlamaCpp:
         self.llm.close()
 
 
-def our_nll(model, windows) -> float:
+def our_nll(model, windows, reference=None) -> float | tuple[float, float]:
+    """Mean next-token NLL of ``model`` on ``windows``; with a ``reference`` model also the mean KL(reference ‖ model)
+    per token, a steadier measure of fidelity than perplexity near the float model's."""
     import torch
-    import torch.nn.functional as F
 
-    total, n = 0.0, 0
+    total, kl, n = 0.0, 0.0, 0
     with torch.inference_mode():
         for start in range(0, windows.shape[0], 8):
             batch = windows[start : start + 8]
-            logits = model(input_ids=batch, use_cache=False).logits
-            for r in range(batch.shape[0]):
-                total += F.cross_entropy(logits[r, :-1].float(), batch[r, 1:], reduction="sum").item()
+            logp = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+            total -= logp[:, :-1].gather(-1, batch[:, 1:, None]).sum().item()
             n += batch.shape[0] * (batch.shape[1] - 1)
-    return total / n
+            if reference is not None:
+                ref = reference(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+                kl += (ref.exp() * (ref - logp)).sum().item()
+    return total / n if reference is None else (total / n, kl / windows.numel())
 
 
 def our_decode(model, tokenizer) -> float:
@@ -135,8 +140,10 @@ def state_bytes(model) -> int:
     return total
 
 
-def score_file(path: Path, windows, tokenizer, threads: int, prompt: list[int], sample: str, source_ids: list[int]) -> dict:
-    """llama.cpp's and our perplexity and decode speed on one file."""
+def score_file(path: Path, windows, tokenizer, threads: int, prompt: list[int], sample: str, source_ids: list[int],
+               reference) -> dict:
+    """llama.cpp's and our perplexity, our KL to ``reference`` (the model the file was made from) and decode speed on
+    one file."""
     from hf_compress import load_gguf
 
     row = {"bytes": path.stat().st_size}
@@ -144,7 +151,8 @@ def score_file(path: Path, windows, tokenizer, threads: int, prompt: list[int], 
     row["llama.cpp tokenizes as source"] = cpp.tokenize(sample) == source_ids
     row["ppl llama.cpp"] = math.exp(cpp.nll(windows))
     ours, _ = load_gguf(path, tokenizer=tokenizer)
-    row["ppl ours"] = math.exp(our_nll(ours, windows))
+    nll, row["KL to source (ours)"] = our_nll(ours, windows, reference)
+    row["ppl ours"] = math.exp(nll)
     row["ours / llama.cpp ppl"] = row["ppl ours"] / row["ppl llama.cpp"]
     a, b = [], []
     for _ in range(3):  # alternately, so that a change in load hits both
@@ -210,6 +218,9 @@ def main(argv=None) -> int:
             files.append((f"ours {q}", export_gguf(model, tok, tmp / f"ours-{q}.gguf", q)))
             print(f"exported {q} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         files.append(("ours Q4_K_M + imatrix", export_gguf(model, tok, tmp / "ours-Q4_K_M-imat.gguf", "Q4_K_M", imatrix=imatrix)))
+        for name, im in (("", None), (" + imatrix", imatrix)):  # the same without our refinement of ggml's search
+            files.append((f"ours Q4_K_M{name}, llama.cpp's search only (refine=False)",
+                          export_gguf(model, tok, tmp / f"ours-Q4_K_M{name.strip(' +')}-ggml.gguf", "Q4_K_M", imatrix=im, refine=False)))
         files.append(("ours Q4_K_M + GPTQ", export_gguf(model, tok, tmp / "ours-Q4_K_M-gptq.gguf", "Q4_K_M", imatrix=str(CALIB),
                                                          gptq=True, n_samples=64)))
         type_rows = []
@@ -223,7 +234,7 @@ def main(argv=None) -> int:
                               "differ": ", ".join(f"{n}: ours {a} / llama.cpp {b}" for n, (a, b) in sorted(diff.items())) or "none"})
         for name, path in files:
             t0 = time.perf_counter()
-            row = {"file": name, **score_file(path, windows, tok, threads, prompt, sample, source_ids)}
+            row = {"file": name, **score_file(path, windows, tok, threads, prompt, sample, source_ids, model)}
             row["ppl ours / float"] = row["ppl ours"] / float_ppl
             row["ppl llama.cpp / float"] = row["ppl llama.cpp"] / float_ppl
             rows.append(row)
@@ -253,19 +264,19 @@ def main(argv=None) -> int:
         tern_rows = [{"file": f"b1.58 packed model ({args.bitnet_steps} steps)", "ppl ours": math.exp(our_nll(bitnet, windows))}]
         for q in ("TQ2_0", "TQ1_0"):
             path = export_gguf(bitnet, tok, tmp / f"bitnet-{q}.gguf", q)
-            tern_rows.append({"file": f"b1.58 {q}", **score_file(path, windows, tok, threads, prompt, sample, source_ids)})
+            tern_rows.append({"file": f"b1.58 {q}", **score_file(path, windows, tok, threads, prompt, sample, source_ids, bitnet)})
         for r in tern_rows[1:]:
             r["ppl ours / packed model"] = r["ppl ours"] / tern_rows[0]["ppl ours"]
             r["ppl llama.cpp / packed model"] = r["ppl llama.cpp"] / tern_rows[0]["ppl ours"]
 
-    cols = ["file", "bytes", "ppl llama.cpp", "ppl ours", "ours / llama.cpp ppl", "ppl llama.cpp / float", "llama.cpp tok/s",
+    cols = ["file", "bytes", "ppl llama.cpp", "ppl ours", "ours / llama.cpp ppl", "ppl llama.cpp / float", "KL to source (ours)", "llama.cpp tok/s",
             "ours tok/s", "ours / llama.cpp speed", "load_gguf bytes / file", "llama.cpp tokenizes as source"]
     print("\n## Perplexity (pydoc-heldout), bytes and decode speed\n")
     print(common.markdown_table(rows, cols))
     print("\n## Per-tensor types: ours against llama_model_quantize's\n")
     print(common.markdown_table(type_rows, ["qtype", "tensors", "same type", "differ"]))
     print("\n## b1.58 model as TQ2_0 / TQ1_0\n")
-    print(common.markdown_table(tern_rows, ["file", "bytes", "ppl llama.cpp", "ppl ours", "ppl ours / packed model",
+    print(common.markdown_table(tern_rows, ["file", "bytes", "ppl llama.cpp", "ppl ours", "ppl ours / packed model", "KL to source (ours)",
                                             "ppl llama.cpp / packed model", "llama.cpp tok/s", "ours tok/s", "ours / llama.cpp speed"]))
     print("\n## load_gguf memory (Q4_K_M)\n")
     print(common.markdown_table([memory], list(memory)))

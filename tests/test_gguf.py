@@ -69,6 +69,56 @@ def _k_error(x, nmax, nstep):
     return ((s * L.float() - m - x) ** 2 * wts).sum().item()
 
 
+def _c_make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
+    """ggml's make_qkx2_quants transcribed line by line in numpy float32 (the reference for ours): codes."""
+    f = np.float32
+    x, w = x.astype(f), w.astype(f)
+
+    def nearest(v):
+        return int(np.rint(f(v)))
+
+    mn, mx, sw, sx = x[0], x[0], w[0], f(w[0] * x[0])
+    for i in range(1, len(x)):
+        mn, mx, sw, sx = min(mn, x[i]), max(mx, x[i]), f(sw + w[i]), f(sx + f(w[i] * x[i]))
+    mn = min(mn, f(0))
+    iscale = f(f(nmax) / f(mx - mn))
+    scale = f(1 / iscale)
+    L = [max(0, min(nmax, nearest(f(iscale * f(x[i] - mn))))) for i in range(len(x))]
+    best = f(0)
+    for i in range(len(x)):
+        d = f(f(f(scale * L[i]) + mn) - x[i])
+        best = f(best + f(w[i] * f(d * d)))
+    for step in range(nstep + 1):
+        iscale = f(f(f(f(rmin) + f(f(rdelta) * step)) + nmax) / f(mx - mn))  # min as the loop updated it
+        La = [max(0, min(nmax, nearest(f(iscale * f(x[i] - mn))))) for i in range(len(x))]
+        sl = sl2 = sxl = f(0)
+        for i in range(len(x)):
+            wl = f(w[i] * La[i])
+            sl, sl2, sxl = f(sl + wl), f(sl2 + f(wl * La[i])), f(sxl + f(wl * x[i]))
+        D = f(f(sw * sl2) - f(sl * sl))
+        if D > 0:
+            ts, tm = f(f(f(sw * sxl) - f(sx * sl)) / D), f(f(f(sl2 * sx) - f(sl * sxl)) / D)
+            if tm > 0:
+                ts, tm = f(sxl / sl2), f(0)
+            cur = f(0)
+            for i in range(len(x)):
+                d = f(f(f(ts * La[i]) + tm) - x[i])
+                cur = f(cur + f(w[i] * f(d * d)))
+            if cur < best:
+                best, mn, L = cur, tm, La
+    return L
+
+
+@pytest.mark.parametrize("args", [(15, -1.0, 0.1, 20), (31, -0.5, 0.1, 15), (15, -0.9, 0.05, 36)])
+def test_k_quant_search_follows_ggml(args):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(120, 32, generator=g) * 0.05
+    wts = torch.sqrt((x * x).mean(-1, keepdim=True)) + x.abs()
+    ours = B.make_qkx_quants(x, args[0], wts, *args[1:])[0]
+    ref = torch.tensor([_c_make_qkx2_quants(x[r].numpy(), wts[r].numpy(), *args) for r in range(x.shape[0])])
+    assert (ours.to(ref.dtype) == ref).all(-1).float().mean().item() >= 0.98
+
+
 def test_k_quant_search_beats_plain_min_max():
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(5))
     assert _k_error(x, 15, 20) < 0.9 * _k_error(x, 15, -1)  # nstep -1: the min-max start only
@@ -81,6 +131,20 @@ def test_imatrix_lowers_the_weighted_error():
         weighted = B.dequantize(B.quantize(w, qtype, im), qtype, 512)
         err = lambda d: (((d - w) ** 2) * im).sum().item()  # noqa: E731
         assert err(weighted) < err(plain), qtype
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_refinement_lowers_every_blocks_error(qtype, with_imatrix):
+    w, im = _weight(rows=96, seed=8), (_imatrix(seed=9) if with_imatrix else None)
+
+    def block_errors(refine):
+        deq = B.dequantize(B.quantize(w, qtype, im, refine=refine), qtype, 512)
+        return ((deq - w) ** 2).reshape(-1, 256).sum(-1)
+
+    ggml, refined = block_errors(False), block_errors(True)
+    assert bool((refined <= ggml * (1 + 1e-6)).all())
+    assert refined.sum() < 0.99 * ggml.sum()
 
 
 def test_quantize_rejects_bad_input():
@@ -212,7 +276,7 @@ def test_load_gguf_keeps_weights_packed(files, pydoc):
 def test_round_trip_from_gguf_packages_own_quantizer(pydoc, tmp_path, monkeypatch):
     """A file whose Q8_0 bytes come from gguf.quants.quantize loads through load_gguf with transformers' logits."""
     model, tok = pydoc
-    monkeypatch.setattr(B, "quantize", lambda w, q, im=None: torch.from_numpy(gq.quantize(w.numpy(), GT[q])))
+    monkeypatch.setattr(B, "quantize", lambda w, q, im=None, refine=True: torch.from_numpy(gq.quantize(w.numpy(), GT[q])))
     path = export_gguf(model, tok, tmp_path / "gguf-pkg-Q8_0.gguf", "Q8_0")
     monkeypatch.undo()
     hf = t.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
@@ -406,6 +470,44 @@ def test_llama_cpp_runs_our_files(files, pydoc):
                 assert (lc - lo).abs().max() < 1e-2
         assert abs(math.exp(nll_cpp / windows[:, 1:].numel()) / math.exp(nll_ours / windows[:, 1:].numel()) - 1) < 0.005
         llm.close()
+
+
+def _ggml_quantize(w: torch.Tensor, qtype: str, imatrix) -> torch.Tensor:
+    """llama.cpp's own quantizer (``ggml_quantize_chunk`` in the libggml that llama-cpp-python ships)."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))
+    if not libs:
+        pytest.skip("llama-cpp-python ships no libggml-base here")
+    lib = ctypes.CDLL(str(libs[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p]
+    src = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+    out = np.zeros((w.shape[0], B.row_bytes(qtype, w.shape[1])), np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix.numpy(), dtype=np.float32)
+    lib.ggml_quantize_chunk(B.TYPES[qtype][0], src.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1],
+                            None if im is None else im.ctypes.data)
+    return torch.from_numpy(out)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_search_alone_gives_llama_cpps_bytes(qtype, with_imatrix):
+    """refine=False is ggml's search: the same bytes as llama.cpp's quantizer, but for blocks where two candidates
+    tie to float rounding (ggml's compiled sums fuse multiply-adds); refine=True lowers the error below it."""
+    w, im = _weight(rows=96, seed=10), (_imatrix(seed=11) if with_imatrix else None)
+    theirs, ours = _ggml_quantize(w, qtype, im), B.quantize(w, qtype, im, refine=False)
+    size = B.TYPES[qtype][2]
+    same = (theirs.reshape(-1, size) == ours.reshape(-1, size)).all(-1).float().mean().item()
+    assert same >= 0.96, same
+    err = lambda d: ((B.dequantize(d, qtype, 512) - w) ** 2).sum().item()  # noqa: E731
+    assert abs(err(ours) / err(theirs) - 1) < 1e-3
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        assert err(B.quantize(w, qtype, im)) < 0.99 * err(theirs)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])

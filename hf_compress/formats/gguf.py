@@ -147,6 +147,26 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _tensor_naming(config, arch: str):
+    """``(name map, heads)``: llama.cpp's tensor names for ``arch`` (``tmap.get_name(hf name)``), and
+    ``heads(gguf name)``, the head count whose rows llama.cpp permutes for that tensor (Q and K of the ``llama``
+    architecture), else None."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+
+    def heads(gname: str) -> int | None:
+        if arch != "llama":
+            return None
+        if gname.endswith(("attn_q.weight", "attn_q.bias")):
+            return n_head
+        return n_kv if gname.endswith(("attn_k.weight", "attn_k.bias")) else None
+
+    return tmap, heads
+
+
 # ---------------------------------------------------------------------------------------------- imatrix
 def _linear_modules(model):
     return [(n, m) for n, m in model.named_modules()
@@ -189,7 +209,7 @@ def compute_imatrix(model, tokenizer, data, n_samples: int = 64, seqlen: int = 2
     return {k: (s / n).cpu() for k, (s, n) in stats.items()}
 
 
-def _gptq_blocks(gptq, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+def _gptq_blocks(gptq, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None, refine: bool = True) -> tuple[torch.Tensor, float]:
     """``w`` quantized to ``qtype`` blocks by GPTQ: each block's scales (and mins) chosen as llama.cpp would from
     the error-updated weights when GPTQ reaches it, then every code rounded with the error of the earlier columns
     fed back. Returns ``(blocks [out, row_bytes], relative output error)``."""
@@ -198,7 +218,7 @@ def _gptq_blocks(gptq, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None
 
     def make_grid(w_span):
         c = next(starts)
-        data = blocks.quantize(w_span, qtype, None if imatrix is None else imatrix[c : c + span])
+        data = blocks.quantize(w_span, qtype, None if imatrix is None else imatrix[c : c + span], refine)
         scale, offset, qmax = blocks.grid(data, qtype)
         out = w_span.shape[0]
         return scale.reshape(out, span), offset.reshape(out, span), qmax, data
@@ -325,11 +345,8 @@ def _check_output_path(path) -> Path:
 
 def _source_tensors(model, arch: str):
     """``[(gguf name, hf module or tensor, permute heads or None)]`` in the model's order."""
-    import gguf
-
     config = model.config
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    tmap, heads = _tensor_naming(config, arch)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     modules = dict(model.named_modules())
     packed = {name for name, m in modules.items() if name and not isinstance(m, (nn.Linear, nn.Embedding)) and (
@@ -342,13 +359,9 @@ def _source_tensors(model, arch: str):
         if tied and mod_name.endswith("lm_head"):
             continue
         owner = next((q for q in packed if mod_name == q or mod_name.startswith(q + ".")), None)
-        if owner is not None and leaf == "bias" and mod_name == owner:
-            key, source = pname, p
-        elif owner is not None:
-            key, source, mod_name = f"{owner}.weight", modules[owner], owner
-        elif leaf == "bias":
-            key, source = pname, p
-        elif leaf == "weight":
+        if owner is not None and not (leaf == "bias" and mod_name == owner):
+            key, source, mod_name = f"{owner}.weight", modules[owner], owner  # the packed layer, not its buffers
+        elif leaf in ("weight", "bias"):
             key, source = pname, p
         else:
             continue  # rotary inv_freq and the like
@@ -358,17 +371,12 @@ def _source_tensors(model, arch: str):
         gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise ValueError(f"{key}: no llama.cpp tensor name for it in the {arch} architecture")
-        heads = None
-        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
-            heads = n_head
-        elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
-            heads = n_kv
-        out.append((gname, source, heads, mod_name))
+        out.append((gname, source, heads(gname), mod_name))
     return out, tied
 
 
 def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gptq: bool = False, n_samples: int = 64,
-                seqlen: int = 256) -> Path:
+                seqlen: int = 256, refine: bool = True) -> Path:
     """Write ``model`` (float, or compressed by hf_compress) and its tokenizer as a GGUF v3 file at ``path``.
 
     ``qtype``: one of :data:`MIXES` (Q8_0, Q6_K, Q5_K_M, Q4_K_M, ..., TQ1_0 / TQ2_0 for b1.58 models, written from
@@ -376,8 +384,10 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
     calibration data (a text file, a list of strings, a Dataset) to compute it from. ``gptq=True`` (needs
     calibration data as ``imatrix``): every block type with a scale grid is filled by GPTQ instead of rounding
     each weight alone -- the scales are still chosen as llama.cpp chooses them, so the file is an ordinary GGUF
-    (the Hessians of all linears are held at once: in_features² floats each). The file appears only when complete
-    (written beside it, then renamed)."""
+    (the Hessians of all linears are held at once: in_features² floats each). ``refine=False``: K-type blocks
+    exactly as llama.cpp's search leaves them, without the refinement that lowers each block's squared error
+    (:func:`hf_compress.quant.gguf_blocks.quantize`). The file appears only when complete (written beside it,
+    then renamed)."""
     import gguf
 
     path = _check_output_path(path)
@@ -438,10 +448,10 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
                     continue
                 im = imatrix.get(mod_name) if imatrix is not None and t not in ("Q8_0", "F16") else None
                 if mod_name in hessians and t != "F16":
-                    data, rel = _gptq_blocks(hessians.pop(mod_name), w, t, im)
+                    data, rel = _gptq_blocks(hessians.pop(mod_name), w, t, im, refine)
                     logger.debug(f"{gname} {t} GPTQ: relative output error {rel:.4g}")
                 else:
-                    data = blocks.quantize(w, t, im)
+                    data = blocks.quantize(w, t, im, refine)
             if t == "F16":
                 writer.add_tensor(gname, data.view(torch.float16).numpy() if data.dtype == torch.uint8 else data.numpy())
             else:
@@ -517,7 +527,6 @@ def load_gguf(path, tokenizer=None, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a GGUF file, its Q8_0 / Q4_0 / Q4_K / TQ weights packed in ``QuantLinear``
     (the other block types as their bytes in ``GGUFLinear``, the token embedding in ``GGUFEmbedding``), so the
     model takes about the file's size in memory. The config and tokenizer come from transformers' GGUF reader."""
-    import gguf
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -532,10 +541,18 @@ def load_gguf(path, tokenizer=None, dtype: torch.dtype = torch.float32):
     config.tie_word_embeddings = "output.weight" not in tensors
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    tmap, qk_heads = _tensor_naming(config, arch)
     modules = dict(model.named_modules())
     used, dequantized = set(), {}
+
+    def vector(gname: str) -> torch.Tensor:
+        """A 1-D tensor (a bias, a norm) decoded to float, in HF's row order."""
+        qtype, shape, data = tensors[gname]
+        used.add(gname)
+        t = blocks.dequantize(data.reshape(1, -1), qtype, shape[-1]).reshape(shape)
+        heads = qk_heads(gname)
+        return t if heads is None else _unpermute_qk(t, heads)
+
     for pname, _ in list(model.named_parameters()):
         mod_name, _, leaf = pname.rpartition(".")
         gname = tmap.get_name(pname, try_suffixes=(".weight", ".bias"))
@@ -544,18 +561,15 @@ def load_gguf(path, tokenizer=None, dtype: torch.dtype = torch.float32):
                 continue
             raise ValueError(f"the GGUF file has no tensor for {pname} (looked for {gname!r}): it does not match a {arch} model")
         qtype, shape, data = tensors[gname]
-        used.add(gname)
-        heads = n_head if gname.endswith(("attn_q.weight", "attn_q.bias")) else n_kv if gname.endswith(("attn_k.weight", "attn_k.bias")) else None
         module = modules[mod_name]
         if leaf == "bias" or len(shape) == 1:
-            t = blocks.dequantize(data.reshape(1, -1), qtype, shape[-1]).reshape(shape)
-            if heads is not None and arch == "llama":
-                t = _unpermute_qk(t, heads)
-            setattr(module, leaf, nn.Parameter(t.to(dtype), requires_grad=False))
+            setattr(module, leaf, nn.Parameter(vector(gname).to(dtype), requires_grad=False))
             continue
+        used.add(gname)
         rows, cols = shape
         data = data.reshape(rows, -1)
-        if heads is not None and arch == "llama":
+        heads = qk_heads(gname)
+        if heads is not None:
             data = _unpermute_qk(data, heads)  # rows are whole blocks: the permutation moves bytes exactly
         if qtype in ("F32", "F16"):
             setattr(module, leaf, nn.Parameter(blocks.dequantize(data, qtype, cols).to(dtype), requires_grad=False))
@@ -567,12 +581,7 @@ def load_gguf(path, tokenizer=None, dtype: torch.dtype = torch.float32):
         elif isinstance(module, nn.Linear):
             bias = None
             if module.bias is not None:
-                bname = tmap.get_name(f"{mod_name}.bias", try_suffixes=(".bias",))
-                bq, bs, bd = tensors[bname]
-                bias = blocks.dequantize(bd.reshape(1, -1), bq, bs[-1]).reshape(-1)
-                if heads is not None and arch == "llama":
-                    bias = _unpermute_qk(bias, heads)
-                used.add(bname)
+                bias = vector(tmap.get_name(f"{mod_name}.bias", try_suffixes=(".bias",)))
             new = _quant_linear(data, qtype, rows, cols, bias)
             if new is None:
                 new = GGUFLinear(cols, rows, qtype, bias=bias is not None)
