@@ -361,9 +361,10 @@ def _k_scales_mins(w: torch.Tensor, nmax: int, imatrix, rmin: float, nstep: int,
     d16, dm16 = fp16_values(head[:, 0:2]), fp16_values(head[:, 2:4])
     sc, mn = _unpack_k_scales(head[:, 4:16])
     if refine:
-        d16, dm16, sc, mn = _refine_k(xs, d16, dm16, sc.float(), mn.float(), nmax)
+        d16, dm16, sc, mn, L = _refine_k(xs, d16, dm16, sc.float(), mn.float(), nmax)
         head = torch.cat([_fp16_bytes(d16), _fp16_bytes(dm16), _pack_k_scales(sc, mn)], -1)
-    L, _ = _k_codes(xs, d16, dm16, sc, mn, nmax)
+    else:
+        L, _ = _k_codes(xs, d16, dm16, sc, mn, nmax)
     return head, L.reshape(nb, QK_K)
 
 
@@ -387,7 +388,8 @@ def _refine_k(xs, d, dmin, sc, mn, nmax, rounds: int = 2):
     and min one step either way; per super-block, ``d`` and ``dmin`` refitted by least squares on the codes and
     rounded to fp16. Each change is kept only where it lowers that block's error, so no block ends worse than
     ggml's own. The target is the plain squared error, with or without an imatrix: on pydoc-llama-6m, refining
-    under the search's weights (``av_x + |x|``, or the imatrix's) gave no lower KL to the float model."""
+    under the search's weights (``av_x + |x|``, or the imatrix's) gave no lower KL to the float model. Returns
+    ``(d, dmin, sc, mn, codes)``."""
     steps = [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)]
     L, err = _k_codes(xs, d, dmin, sc, mn, nmax)
     for _ in range(rounds):
@@ -413,7 +415,7 @@ def _refine_k(xs, d, dmin, sc, mn, nmax, rounds: int = 2):
         d, dmin = torch.where(better, d2, d), torch.where(better, dm2, dmin)
         err = torch.where(better, e2, err)
         L = torch.where(better.unsqueeze(-1), L2, L)
-    return d, dmin, sc, mn
+    return d, dmin, sc, mn, L
 
 
 def _q4_k(w, imatrix, refine):
@@ -446,9 +448,10 @@ def _q6_k(w, imatrix, refine):
     d16 = _fp16_round(d)
     xs = w.reshape(-1, 16, 16)
     if refine:
-        d16, sc = _refine_q6_k(xs, d16, sc)
+        d16, sc, L = _refine_q6_k(xs, d16, sc)
         d = d16
-    L, _ = _q6_k_codes(xs, d16, sc)
+    else:
+        L, _ = _q6_k_codes(xs, d16, sc)
     L = L.reshape(-1, 2, 4, 32)  # per 128: four runs of 32
     ql = torch.cat([_nibbles(L[:, :, 0], L[:, :, 2]), _nibbles(L[:, :, 1], L[:, :, 3])], -1).reshape(-1, 128)
     hi = (L >> 4).to(torch.uint8)
@@ -468,7 +471,8 @@ def _q6_k_codes(xs, d, sc):
 
 
 def _refine_q6_k(xs, d, sc, rounds: int = 2):
-    """Q6_K's counterpart of :func:`_refine_k`: each 8-bit sub-block scale one step either way, ``d`` refitted."""
+    """Q6_K's counterpart of :func:`_refine_k`: each 8-bit sub-block scale one step either way, ``d`` refitted.
+    Returns ``(d, sc, codes)``."""
     L, err = _q6_k_codes(xs, d, sc)
     for _ in range(rounds):
         for i in (-1, 1):
@@ -485,7 +489,7 @@ def _refine_q6_k(xs, d, sc, rounds: int = 2):
         better = e2.sum(-1, keepdim=True) < err.sum(-1, keepdim=True)
         d, err = torch.where(better, d2, d), torch.where(better, e2, err)
         L = torch.where(better.unsqueeze(-1), L2, L)
-    return d, sc
+    return d, sc, L
 
 
 # ------------------------------------------------------------------------------------------------- ternary
