@@ -82,6 +82,11 @@ def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).contiguous().view(torch.uint8)
 
 
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the fp16 value a block would store, in float32."""
+    return x.to(torch.float16).to(torch.float32)
+
+
 def fp16_values(b: torch.Tensor) -> torch.Tensor:
     """``[..., 2]`` uint8 -> ``[..., 1]`` float32."""
     return b.contiguous().view(torch.float16).to(torch.float32)
@@ -379,10 +384,6 @@ def _k_codes(xs, d, dmin, sc, mn, nmax):
     return L, (diff * diff).sum(-1)
 
 
-def _fp16_round(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(torch.float32)
-
-
 def _refine_k(xs, d, dmin, sc, mn, nmax, rounds: int = 2):
     """Lower the squared error that ggml's search leaves after rounding its scales: per sub-block, the 6-bit scale
     and min one step either way; per super-block, ``d`` and ``dmin`` refitted by least squares on the codes and
@@ -537,9 +538,9 @@ _QUANTIZERS = {
 def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None, refine: bool = True) -> torch.Tensor:
     """``weight [rows, cols]`` -> GGUF bytes ``uint8 [rows, row_bytes]``. ``imatrix [cols]``: per-column importance
     (mean of x² over calibration tokens), used by the types llama.cpp weights (ignored by Q8_0 and TQ).
-    ``refine``: after ggml's search, lower each K block's weighted error further (its rounded sub-block scales and
-    mins stepped, its fp16 super-block scales refitted; never worse than ggml's bytes); ``False`` gives ggml's
-    search alone."""
+    ``refine``: after ggml's search, lower each Q4_K / Q5_K / Q6_K block's squared error further (its rounded
+    sub-block scales and mins stepped, its fp16 super-block scales refitted; no block worse than ggml's bytes);
+    ``False`` gives ggml's search alone."""
     _check(qtype)
     if weight.dim() != 2:
         raise ValueError(f"quantize takes a 2-D weight [rows, cols], got shape {tuple(weight.shape)}")
