@@ -3,9 +3,10 @@
 Rows (perplexity: the first 20,000 tokens of pydoc-heldout in 256-token windows, the project's convention; the same
 windows go to llama.cpp, each window evaluated from an empty cache):
 
-- float, and our F32 / Q8_0 / Q6_K / Q5_K_M / Q4_K_M exports, Q4_K_M with an importance matrix (64 x 256 tokens of
-  pydoc-calib), both again with llama.cpp's search alone (``refine=False``), and Q4_K_M filled by GPTQ
-  (``gptq=True``, the same calibration), each scored by llama.cpp (``llama-cpp-python``) and by us (``load_gguf``,
+- float, and our F32 / Q8_0 / Q6_K / Q5_K_M / Q4_K_M / Q3_K_M / Q2_K exports, Q4_K_M (Q3_K_M, Q2_K) with an importance
+  matrix (64 x 256 tokens of pydoc-calib), Q4_K_M both again with llama.cpp's search alone (``refine=False``), and
+  Q4_K_M / Q3_K_M / Q2_K filled by GPTQ (``gptq=True``, the same calibration), each scored by llama.cpp
+  (``llama-cpp-python``) and by us (``load_gguf``,
   our kernels; also the KL from the float model per token, steadier than perplexity this close to float);
 - llama.cpp's own files of the same model: ``llama_model_quantize`` applied to our F32 export (llama.cpp's
   ``convert_hf_to_gguf.py`` is tried too when ``--llama-cpp-src`` points at a llama.cpp checkout), with the
@@ -41,8 +42,8 @@ import common  # noqa: E402
 sys.path[:] = [p for p in sys.path if p not in (_HERE, "")]
 sys.path.insert(0, str(common.REPO_ROOT / "examples"))
 CALIB = common.SHARED / "data" / "pydoc-calib.txt"
-TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
-FTYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15}  # llama_ftype
+TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+FTYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama_ftype
 
 
 def parse_args(argv=None):
@@ -221,8 +222,11 @@ def main(argv=None) -> int:
         for name, im in (("", None), (" + imatrix", imatrix)):  # the same without our refinement of ggml's search
             files.append((f"ours Q4_K_M{name}, llama.cpp's search only (refine=False)",
                           export_gguf(model, tok, tmp / f"ours-Q4_K_M{name.strip(' +')}-ggml.gguf", "Q4_K_M", imatrix=im, refine=False)))
-        files.append(("ours Q4_K_M + GPTQ", export_gguf(model, tok, tmp / "ours-Q4_K_M-gptq.gguf", "Q4_K_M", imatrix=str(CALIB),
-                                                         gptq=True, n_samples=64)))
+        for q in ("Q4_K_M", "Q3_K_M", "Q2_K"):
+            if q != "Q4_K_M":
+                files.append((f"ours {q} + imatrix", export_gguf(model, tok, tmp / f"ours-{q}-imat.gguf", q, imatrix=imatrix)))
+            files.append((f"ours {q} + GPTQ", export_gguf(model, tok, tmp / f"ours-{q}-gptq.gguf", q, imatrix=str(CALIB),
+                                                          gptq=True, n_samples=64)))
         type_rows = []
         for q in TYPES:
             dst = tmp / f"llamacpp-{q}.gguf"

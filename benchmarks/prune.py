@@ -3,12 +3,14 @@
 Rows (calibration: 128 windows of 256 tokens of pydoc-calib, seed 0; perplexity: the first 20,000 tokens of
 pydoc-heldout in 256-token windows):
 
-- dense; magnitude, Wanda and SparseGPT at 50% unstructured and 2:4; SparseGPT 50% + 4-bit g128 in one pass;
+- dense; magnitude, Wanda and SparseGPT at 50% unstructured and 2:4; Wanda and SparseGPT at 50% with OWL's
+  outlier-weighted per-block schedule; SparseGPT 50% + 4-bit g128 in one pass;
 - llm-compressor's SparseGPT and Wanda on the same model, the same calibration windows and settings, in its own
   venv (``bash benchmarks/llmcompressor/setup.sh``; skipped with a note when absent, or ``--no-llmcompressor``);
 - structured: 25% and 50% of the MLP channels removed, before and after distillation recovery (the unpruned model
   as teacher, logits + hidden states, ``configs/prune-structured-distill.yaml``: steps and seconds given);
-- low-rank: SVD, activation-aware SVD and whitened SVD at 80% and 60% of the linear parameters;
+- low-rank: SVD, activation-aware SVD and whitened SVD at 80% and 60% of the linear parameters, the same ratio in
+  every linear and with ranks allocated across linears by sensitivity;
 - the 50%-MLP structured pruning applied to the 1B-shaped random Llama of ``benchmarks/speed.py``: decode tokens/s
   against the dense model in the same run.
 
@@ -181,6 +183,8 @@ def main(argv=None) -> int:
         add(f"magnitude {target}", "prune", hf_compress.MagnitudePruneConfig(**kw))
         add(f"Wanda {target}", "prune", hf_compress.WandaConfig(**kw, **calib))
         add(f"SparseGPT {target}", "prune", hf_compress.SparseGPTConfig(**kw, **calib))
+    for name, cls in (("Wanda", hf_compress.WandaConfig), ("SparseGPT", hf_compress.SparseGPTConfig)):
+        add(f"{name} 50% OWL", "prune", cls(sparsity=0.5, schedule="owl", **calib))
     add("SparseGPT 50% + int4 g128", "prune", hf_compress.SparseGPTConfig(sparsity=0.5, bits=4, group_size=128, sym=False, **calib))
 
     llmc_rows = []
@@ -216,8 +220,11 @@ def main(argv=None) -> int:
 
     for ratio in (0.8, 0.6):
         for method in ("svd", "asvd", "whiten"):
-            cfg = hf_compress.LowRankConfig(method=method, param_ratio=ratio, **(calib if method != "svd" else {}))
-            add(f"low-rank {method} {round(100 * ratio)}%", "low-rank", cfg)
+            for allocation in ("uniform", "sensitivity"):
+                cfg = hf_compress.LowRankConfig(method=method, param_ratio=ratio, rank_allocation=allocation,
+                                                **(calib if method != "svd" else {}))
+                tag = "" if allocation == "uniform" else " by sensitivity"
+                add(f"low-rank {method} {round(100 * ratio)}%{tag}", "low-rank", cfg)
 
     big = speed_1b(args, tmp)
 

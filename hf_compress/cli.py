@@ -140,13 +140,20 @@ def prune_config(args):
     quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
     if quant and args.method != "sparsegpt":
         raise ValueError(f"--bits/--group-size/--sym quantize while pruning, which only --method sparsegpt does (got {args.method})")
+    owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
+    if owl and args.schedule != "owl":
+        raise ValueError("--owl-lambda and --owl-m set the OWL schedule: add --schedule owl")
     if args.method == "magnitude":
+        if args.schedule == "owl":
+            raise ValueError("--schedule owl weighs blocks by outliers in calibration activations, which --method magnitude "
+                             "does not use: use --method wanda or sparsegpt with --calib")
         if args.calib:
             logger.warning("--calib is ignored by --method magnitude, which needs no calibration data")
         return MagnitudePruneConfig(**fields)
     if args.calib is None:
         raise ValueError(f"--method {args.method} calibrates: pass --calib TEXTFILE (calibration text, never the evaluation text)")
-    fields.update(dataset=str(args.calib), **{k: v for k, v in (("n_samples", args.n_samples), ("seqlen", args.seqlen)) if v is not None})
+    fields.update(dataset=str(args.calib), schedule=args.schedule, **owl,
+                  **{k: v for k, v in (("n_samples", args.n_samples), ("seqlen", args.seqlen)) if v is not None})
     if args.method == "wanda":
         return WandaConfig(**fields)
     return SparseGPTConfig(**fields, **quant)
@@ -193,7 +200,7 @@ def cmd_prune_structured(args) -> int:
 def cmd_lowrank(args) -> int:
     from .integrations import LowRankConfig
 
-    fields = {"method": args.method}
+    fields = {"method": args.method, "rank_allocation": args.rank_allocation}
     fields.update({k: v for k, v in (("param_ratio", args.param_ratio), ("rank", args.rank), ("bits", args.bits),
                                       ("group_size", args.group_size), ("sym", args.sym), ("n_samples", args.n_samples),
                                       ("seqlen", args.seqlen)) if v is not None})
@@ -456,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sparsity", type=float, default=None, help="fraction of each linear's weights removed, in [0, 1)")
     r.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (at most N kept in every M)")
     r.add_argument("--calib", default=None, help="calibration text file (required by wanda and sparsegpt; never the evaluation text)")
+    r.add_argument("--schedule", default="uniform", choices=["uniform", "owl"], help="wanda/sparsegpt: the same sparsity in every block, or OWL's outlier-weighted per-block sparsity")
+    r.add_argument("--owl-lambda", dest="owl_lambda", type=float, default=None, help="--schedule owl: half the span of the block sparsities (0.08)")
+    r.add_argument("--owl-m", dest="owl_m", type=float, default=None, help="--schedule owl: outlier threshold, a multiple of the mean score (5)")
     r.add_argument("--n-samples", dest="n_samples", type=int, default=None, help="calibration windows (128)")
     r.add_argument("--seqlen", type=int, default=None, help="tokens per window (min(2048, model positions))")
     r.add_argument("--bits", type=int, default=None, help="sparsegpt: also quantize to 2, 3, 4 or 8 bits in the same pass")
@@ -477,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--method", default="svd", choices=["svd", "asvd", "whiten"])
     lr.add_argument("--param-ratio", dest="param_ratio", type=float, default=None, help="fraction of each linear's weights kept, in (0, 1]")
     lr.add_argument("--rank", type=int, default=None, help="one rank for every linear (instead of --param-ratio)")
+    lr.add_argument("--rank-allocation", dest="rank_allocation", default="uniform", choices=["uniform", "sensitivity"],
+                    help="with --param-ratio: the same ratio per linear, or ranks shared out across linears by their spectra")
     lr.add_argument("--calib", default=None, help="calibration text file (required by asvd and whiten; never the evaluation text)")
     lr.add_argument("--n-samples", dest="n_samples", type=int, default=None, help="calibration windows (128)")
     lr.add_argument("--seqlen", type=int, default=None, help="tokens per window (min(2048, model positions))")
@@ -513,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file (Ollama, LM Studio), from a float model or any hf_compress folder",
     )
     x.add_argument("--output", required=True, help="a folder (gguf: a FILE.gguf)")
-    x.add_argument("--qtype", default=None, help="gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, TQ1_0, TQ2_0, ...")
+    x.add_argument("--qtype", default=None, help="gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q3_K_M, Q2_K, Q4_0, TQ1_0, TQ2_0, ...")
     x.add_argument("--calib", default=None, help="gguf: calibration text file for an importance matrix (imatrix)")
     x.add_argument("--gptq", action="store_true", help="gguf: fill the blocks by GPTQ on the --calib text (scales as llama.cpp)")
     x.add_argument("--n-samples", type=int, default=64, help="gguf: calibration windows of 256 tokens (default 64)")

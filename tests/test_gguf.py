@@ -21,7 +21,8 @@ from hf_compress.formats import gguf as fmt  # noqa: E402
 from hf_compress.nn.gguf_linear import GGUFEmbedding, GGUFLinear  # noqa: E402
 from hf_compress.quant import gguf_blocks as B  # noqa: E402
 
-ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"]
+ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"]
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 SAMPLE = 'def parse(text):\n    """Return the café\'s 12 items."""\n    return [x for x in text.split()]  # naïve\n'
 
 
@@ -52,11 +53,12 @@ def test_our_dequantization_equals_gguf_packages_on_our_bytes(qtype, with_imatri
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "TQ1_0", "TQ2_0", "Q4_0", "Q5_0", "Q5_1"])
 def test_our_bytes_equal_gguf_packages_quantizer(qtype):
-    w = _weight(seed=3)
-    assert np.array_equal(B.quantize(w, qtype).numpy(), gq.quantize(w.numpy(), GT[qtype]))
+    w = _weight(seed=3)  # refine=False: ggml's rounding alone (Q4_0 / Q5_0 / Q5_1 are refined by default)
+    assert np.array_equal(B.quantize(w, qtype, refine=False).numpy(), gq.quantize(w.numpy(), GT[qtype]))
 
 
-@pytest.mark.parametrize("qtype,rel", [("Q8_0", 1e-4), ("Q6_K", 1e-3), ("Q5_K", 3e-3), ("Q4_K", 1e-2), ("Q5_0", 4e-3), ("Q4_0", 1.5e-2)])
+@pytest.mark.parametrize("qtype,rel", [("Q8_0", 1e-4), ("Q6_K", 1e-3), ("Q5_K", 3e-3), ("Q4_K", 1e-2), ("Q5_0", 4e-3), ("Q4_0", 1.5e-2),
+                                      ("Q3_K", 4e-2), ("Q2_K", 1.2e-1)])
 def test_quantization_error_is_small(qtype, rel):
     w = _weight(seed=4)
     deq = B.dequantize(B.quantize(w, qtype), qtype, 512)
@@ -69,7 +71,7 @@ def _k_error(x, nmax, nstep):
     return ((s * L.float() - m - x) ** 2 * wts).sum().item()
 
 
-def _c_make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
+def _c_make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, mad=False):
     """ggml's make_qkx2_quants transcribed line by line in numpy float32 (the reference for ours): codes."""
     f = np.float32
     x, w = x.astype(f), w.astype(f)
@@ -87,7 +89,7 @@ def _c_make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     best = f(0)
     for i in range(len(x)):
         d = f(f(f(scale * L[i]) + mn) - x[i])
-        best = f(best + f(w[i] * f(d * d)))
+        best = f(best + f(w[i] * (abs(d) if mad else f(d * d))))
     for step in range(nstep + 1):
         iscale = f(f(f(f(rmin) + f(f(rdelta) * step)) + nmax) / f(mx - mn))  # min as the loop updated it
         La = [max(0, min(nmax, nearest(f(iscale * f(x[i] - mn))))) for i in range(len(x))]
@@ -103,7 +105,7 @@ def _c_make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
             cur = f(0)
             for i in range(len(x)):
                 d = f(f(f(ts * La[i]) + tm) - x[i])
-                cur = f(cur + f(w[i] * f(d * d)))
+                cur = f(cur + f(w[i] * (abs(d) if mad else f(d * d))))
             if cur < best:
                 best, mn, L = cur, tm, La
     return L
@@ -119,6 +121,60 @@ def test_k_quant_search_follows_ggml(args):
     assert (ours.to(ref.dtype) == ref).all(-1).float().mean().item() >= 0.98
 
 
+def test_q2_k_search_on_absolute_error_follows_ggml():
+    # Q2_K's search: 16 weights, codes 0..3, weights |x|, candidates compared by weighted absolute error
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(13)) * 0.05
+    ours = B.make_qkx_quants(x, 3, x.abs(), -0.5, 0.1, 15, mad=True)[0]
+    ref = torch.tensor([_c_make_qkx2_quants(x[r].numpy(), x[r].abs().numpy(), 3, -0.5, 0.1, 15, mad=True) for r in range(200)])
+    assert (ours.to(ref.dtype) == ref).all(-1).float().mean().item() >= 0.98
+    squared = B.make_qkx_quants(x, 3, x.abs(), -0.5, 0.1, 15)[0]
+    assert not torch.equal(squared, ours)  # the objective matters
+
+
+def _c_make_q3_quants(x, nmax):
+    """ggml's make_q3_quants(do_rmse=true) transcribed in numpy float32: codes shifted by nmax, and the scale."""
+    f = np.float32
+    x = x.astype(f)
+    amax, mx = f(0), f(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < 1e-15:
+        return [0] * len(x), 0.0
+    iscale = f(-nmax / mx)
+    L = [max(-nmax, min(nmax - 1, int(np.rint(f(iscale * v))))) for v in x]
+    slx_t = sl2_t = f(0)
+    for v, li in zip(x, L, strict=True):
+        w = f(v * v)
+        slx_t, sl2_t = f(slx_t + f(f(w * v) * li)), f(sl2_t + f(f(w * li) * li))
+    for _ in range(5):
+        changed = 0
+        for i, v in enumerate(x):
+            w = f(v * v)
+            slx = f(slx_t - f(f(w * v) * L[i]))
+            if slx > 0:
+                sl2 = f(sl2_t - f(f(w * L[i]) * L[i]))
+                new = max(-nmax, min(nmax - 1, int(np.rint(f(f(v * sl2) / slx)))))
+                if new != L[i]:
+                    slx, sl2 = f(slx + f(f(w * v) * new)), f(sl2 + f(f(w * new) * new))
+                    if sl2 > 0 and f(f(slx * slx) * sl2_t) > f(f(slx_t * slx_t) * sl2):
+                        L[i], slx_t, sl2_t = new, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return [li + nmax for li in L], float(f(slx_t / sl2_t)) if sl2_t > 0 else 0.0
+
+
+def test_q3_k_search_follows_ggml():
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(14)) * 0.05
+    x[0] = 0.0
+    L, scale = B.make_q3_quants(x, 4)
+    ref = [_c_make_q3_quants(x[r].numpy(), 4) for r in range(200)]
+    same = torch.tensor([L[r].tolist() == ref[r][0] for r in range(200)]).float().mean().item()
+    assert same >= 0.98, same
+    torch.testing.assert_close(scale.squeeze(-1).double(), torch.tensor([r[1] for r in ref], dtype=torch.float64), rtol=1e-4, atol=1e-9)
+
+
 def test_k_quant_search_beats_plain_min_max():
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(5))
     assert _k_error(x, 15, 20) < 0.9 * _k_error(x, 15, -1)  # nstep -1: the min-max start only
@@ -126,21 +182,34 @@ def test_k_quant_search_beats_plain_min_max():
 
 def test_imatrix_lowers_the_weighted_error():
     w, im = _weight(seed=6), _imatrix(seed=7) ** 4  # strongly uneven importance
-    for qtype in ("Q4_K", "Q5_K", "Q6_K", "Q4_0"):
+    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0"):
         plain = B.dequantize(B.quantize(w, qtype), qtype, 512)
         weighted = B.dequantize(B.quantize(w, qtype, im), qtype, 512)
         err = lambda d: (((d - w) ** 2) * im).sum().item()  # noqa: E731
         assert err(weighted) < err(plain), qtype
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-@pytest.mark.parametrize("with_imatrix", [False, True])
-def test_refinement_lowers_every_blocks_error(qtype, with_imatrix):
-    w, im = _weight(rows=96, seed=8), (_imatrix(seed=9) if with_imatrix else None)
+def _search_weights(w, qtype):
+    """The weights ggml's search (no imatrix) puts on each weight: what a linear's blocks are refined on."""
+    if qtype in ("Q4_K", "Q5_K"):
+        x = w.reshape(-1, 32)
+        return (torch.sqrt((x * x).mean(-1, keepdim=True)) + x.abs()).reshape(w.shape)
+    return {"Q2_K": w.abs(), "Q3_K": w * w}.get(qtype, torch.ones_like(w))  # Q6_K, 32-blocks: plain
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q5_1", *K_TYPES])
+@pytest.mark.parametrize("mode", ["embedding", "embedding+imatrix", "linear"])
+def test_refinement_lowers_every_blocks_error(qtype, mode):
+    w, im = _weight(rows=96, seed=8), (_imatrix(seed=9) if mode.endswith("imatrix") else None)
+    embedding = mode.startswith("embedding")
+    if im is not None and qtype in ("Q4_0", "Q5_0", "Q5_1"):
+        assert torch.equal(B.quantize(w, qtype, im), B.quantize(w, qtype, im, refine=False))  # ggml's weighted search kept
+        return
+    wts = torch.ones_like(w) if embedding else _search_weights(w, qtype)
 
     def block_errors(refine):
-        deq = B.dequantize(B.quantize(w, qtype, im, refine=refine), qtype, 512)
-        return ((deq - w) ** 2).reshape(-1, 256).sum(-1)
+        deq = B.dequantize(B.quantize(w, qtype, im, refine=refine, embedding=embedding), qtype, 512)
+        return (wts * (deq - w) ** 2).reshape(-1, B.block_size(qtype)).sum(-1)
 
     ggml, refined = block_errors(False), block_errors(True)
     assert bool((refined <= ggml * (1 + 1e-6)).all())
@@ -180,6 +249,18 @@ def test_tensor_types_follow_llama_quantize_mixes(caplog):
     assert "96 columns are not a multiple of 256 (needed by Q6_K): written as Q8_0" in caplog.text
     assert fmt.tensor_types([("blk.0.ffn_up.weight", (64, 96))], "Q4_K_M") == {"blk.0.ffn_up.weight": "Q5_0"}
     assert fmt.tensor_types([("blk.0.ffn_up.weight", (64, 100))], "Q4_K_M") == {"blk.0.ffn_up.weight": "F16"}
+    # the 3- and 2-bit mixes (8 layers: n // 16 = 0, so Q3_K_M's ffn_down is Q4_K throughout)
+    q3m = fmt.tensor_types(shapes + [("blk.0.attn_output.weight", (256, 256))], "Q3_K_M")
+    assert [q3m[f"blk.{i}.attn_v.weight"] for i in range(3)] == ["Q5_K", "Q5_K", "Q4_K"]
+    assert q3m["blk.0.ffn_down.weight"] == "Q4_K" and q3m["blk.0.attn_output.weight"] == "Q4_K"
+    assert q3m["blk.0.attn_q.weight"] == "Q3_K" and q3m["token_embd.weight"] == "Q3_K" and q3m["output.weight"] == "Q6_K"
+    q3l = fmt.tensor_types(shapes, "Q3_K_L")
+    assert q3l["blk.5.attn_v.weight"] == "Q5_K" and q3l["blk.5.ffn_down.weight"] == "Q5_K" and q3l["blk.5.ffn_up.weight"] == "Q3_K"
+    assert set(fmt.tensor_types(shapes, "Q3_K_S").values()) == {"Q3_K", "Q6_K", "F32"}
+    for n_gqa, v in ((2, "Q3_K"), (4, "Q4_K")):
+        q2 = fmt.tensor_types(shapes, "Q2_K", n_gqa=n_gqa)
+        assert q2["blk.3.attn_v.weight"] == v and q2["blk.3.ffn_down.weight"] == "Q3_K" and q2["blk.3.attn_q.weight"] == "Q2_K"
+    assert fmt.tensor_types([("blk.0.ffn_up.weight", (64, 96))], "Q2_K") == {"blk.0.ffn_up.weight": "Q4_0"}
     with pytest.raises(ValueError, match="unknown GGUF qtype"):
         fmt.tensor_types(shapes, "Q4_K_X")
 
@@ -202,7 +283,7 @@ def pydoc():
 def files(pydoc, tmp_path_factory):
     model, tok = pydoc
     d = tmp_path_factory.mktemp("gguf")
-    return {q: export_gguf(model, tok, d / f"m-{q}.gguf", q) for q in ("F32", "Q8_0", "Q4_K_M")}
+    return {q: export_gguf(model, tok, d / f"m-{q}.gguf", q) for q in ("F32", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")}
 
 
 def _logits(model, ids):
@@ -220,10 +301,14 @@ def test_stock_transformers_loads_our_file_exactly(pydoc, files):
     assert torch.equal(_logits(hf, ids), _logits(model, ids))
     htok = t.AutoTokenizer.from_pretrained(str(f32.parent), gguf_file=f32.name)
     assert htok(SAMPLE)["input_ids"] == tok(SAMPLE)["input_ids"]
-    for q in ("Q8_0", "Q4_K_M"):
+    for q in ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
         hf = t.AutoModelForCausalLM.from_pretrained(str(files[q].parent), gguf_file=files[q].name)
         ours, _ = load_gguf(files[q], tokenizer=tok)
-        assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4
+        assert (_logits(hf, ids) - _logits(ours, ids)).abs().max() < 1e-4, q
+    types = {x.name: GT(x.tensor_type).name for x in gguf.GGUFReader(str(files["Q2_K"])).tensors}
+    # n_gqa = 2: attn_v Q3_K; ffn_down Q3_K on 704 columns falls back to Q4_0
+    assert types["blk.0.attn_q.weight"] == "Q2_K" and types["blk.0.attn_v.weight"] == "Q3_K"
+    assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.0.attn_output.weight"] == "Q3_K"
 
 
 @needs_pydoc
@@ -276,7 +361,8 @@ def test_load_gguf_keeps_weights_packed(files, pydoc):
 def test_round_trip_from_gguf_packages_own_quantizer(pydoc, tmp_path, monkeypatch):
     """A file whose Q8_0 bytes come from gguf.quants.quantize loads through load_gguf with transformers' logits."""
     model, tok = pydoc
-    monkeypatch.setattr(B, "quantize", lambda w, q, im=None, refine=True: torch.from_numpy(gq.quantize(w.numpy(), GT[q])))
+    monkeypatch.setattr(B, "quantize",
+                        lambda w, q, im=None, refine=True, embedding=False: torch.from_numpy(gq.quantize(w.numpy(), GT[q])))
     path = export_gguf(model, tok, tmp_path / "gguf-pkg-Q8_0.gguf", "Q8_0")
     monkeypatch.undo()
     hf = t.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
@@ -494,7 +580,7 @@ def _ggml_quantize(w: torch.Tensor, qtype: str, imatrix) -> torch.Tensor:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", *K_TYPES])
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_search_alone_gives_llama_cpps_bytes(qtype, with_imatrix):
     """refine=False is ggml's search: the same bytes as llama.cpp's quantizer, but for blocks where two candidates
@@ -506,11 +592,11 @@ def test_search_alone_gives_llama_cpps_bytes(qtype, with_imatrix):
     assert same >= 0.96, same
     err = lambda d: ((B.dequantize(d, qtype, 512) - w) ** 2).sum().item()  # noqa: E731
     assert abs(err(ours) / err(theirs) - 1) < 1e-3
-    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
-        assert err(B.quantize(w, qtype, im)) < 0.99 * err(theirs)
+    if qtype != "Q8_0" and (im is None or qtype not in ("Q4_0", "Q5_0", "Q5_1")):
+        assert err(B.quantize(w, qtype, im, embedding=True)) < 0.99 * err(theirs)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q5_1", *K_TYPES])
 def test_grid_and_with_codes_reproduce_the_blocks(qtype):
     w = _weight(seed=8)
     data = B.quantize(w, qtype)

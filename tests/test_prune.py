@@ -398,6 +398,78 @@ def test_lora_on_a_pruned_base_trains_and_merges_keeping_the_mask(tiny_models):
     assert report and all(0 < r["update_kept"] < 1 for r in report.values())
 
 
+# -- OWL schedule ----------------------------------------------------------------------------------------------
+from hf_compress.methods.owl import outlier_ratio, owl_sparsities  # noqa: E402
+
+
+def test_outlier_ratio_counts_scores_above_m_times_their_mean():
+    # mean of all 6 scores is 3; above 2 x 3 = 6: only the 12
+    assert outlier_ratio([torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.tensor([2.0, 12.0])], 2.0) == 1 / 6
+    assert outlier_ratio([torch.ones(5)], 1.0) == 0.0
+
+
+def test_owl_sparsities_keep_the_mean_and_favour_outlier_blocks():
+    s = owl_sparsities([0.01, 0.03, 0.02], 0.5, 0.08)
+    # ratios rescaled to t = 0, 1, 0.5; densities 2 * 0.08 * t shifted to mean 0.5
+    torch.testing.assert_close(torch.tensor(s, dtype=torch.float64), torch.tensor([0.58, 0.42, 0.50], dtype=torch.float64))
+    assert owl_sparsities([0.02, 0.02], 0.6, 0.08) == pytest.approx([0.6, 0.6])
+    with pytest.raises(ValueError, match="outside \\[0, 1\\): lower owl_lambda"):
+        owl_sparsities([0.0, 1.0], 0.05, 0.08)
+
+
+def dense_owl_schedule(path, ids, sparsity, lam, m):
+    """OWL's schedule by hand: each block's Wanda scores on the unpruned model, then :func:`owl_sparsities`."""
+    model = load(path, "llama")
+    sq: dict[str, torch.Tensor] = {}
+    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers.")}
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: sq.__setitem__(n, sq.get(n, 0) + a[0].double().square().reshape(-1, a[0].shape[-1]).sum(0)))
+             for n, mod in linears.items()]
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None])
+    for h in hooks:
+        h.remove()
+    ratios = []
+    for i in range(len(model.model.layers)):
+        scores = [mod.weight.abs() * sq[n].sqrt().float() for n, mod in linears.items() if n.startswith(f"model.layers.{i}.")]
+        ratios.append(outlier_ratio(scores, m))
+    return owl_sparsities(ratios, sparsity, lam)
+
+
+@pytest.mark.parametrize("cls", [WandaConfig, SparseGPTConfig])
+def test_owl_prunes_each_block_at_its_outlier_weighted_sparsity_and_reloads(cls, tiny_models, tmp_path):
+    path = tiny_models("llama")
+    ids = calib_ids()
+    schedule = dense_owl_schedule(path, ids, 0.5, 0.1, 2.0)
+    assert max(schedule) - min(schedule) == pytest.approx(0.2)  # the blocks' ratios differ: the span is 2 x owl_lambda
+    model = load(path, "llama", quantization_config=calibrated(cls, sparsity=0.5, schedule="owl", owl_lambda=0.1, owl_m=2.0))
+    for i, block in enumerate(model.model.layers):
+        layers = [m for m in block.modules() if isinstance(m, SparseLinear)]
+        kept = sum(int(m.mask().sum()) for m in layers) / sum(m.in_features * m.out_features for m in layers)
+        if cls is WandaConfig:  # per row: in - int(in * s) kept
+            assert all(torch.equal(m.mask().sum(1), torch.full((m.out_features,), m.in_features - int(m.in_features * schedule[i])))
+                       for m in layers)
+        assert abs(kept - (1 - schedule[i])) < 0.02, (i, kept, schedule[i])
+    ids = token_batch()
+    out = output(model, ids)
+    model.save_pretrained(tmp_path / "owl")
+    assert json.loads((tmp_path / "owl" / "config.json").read_text())["quantization_config"]["schedule"] == "owl"
+    assert torch.equal(output(load(tmp_path / "owl", "llama"), ids), out)
+
+
+def test_owl_config_errors():
+    with pytest.raises(ValueError, match="which the N:M pattern 2:4 fixes"):
+        WandaConfig(pattern="2:4", schedule="owl")
+    with pytest.raises(ValueError, match="schedule must be one of \\['uniform', 'owl'\\]"):
+        SparseGPTConfig(schedule="layerwise")
+    with pytest.raises(ValueError, match="owl_lambda is half the span of the block sparsities"):
+        WandaConfig(schedule="owl", owl_lambda=0.6)
+    with pytest.raises(ValueError, match="may lie up to 0.16 from 0.9, outside \\[0, 1\\): lower owl_lambda"):
+        WandaConfig(sparsity=0.9, schedule="owl")
+    with pytest.raises(ValueError, match="owl_m .* must be positive"):
+        WandaConfig(schedule="owl", owl_m=0)
+
+
 # -- CLI -----------------------------------------------------------------------------------------------------
 def test_cli_prune(tiny_models, tmp_path, capsys):
     from hf_compress.cli import main
@@ -415,7 +487,13 @@ def test_cli_prune(tiny_models, tmp_path, capsys):
     assert main(["prune", str(path), "--method", "wanda", "--bits", "4", "--sparsity", "0.5", "--calib", str(calib),
                  "--output", str(tmp_path / "y")]) == 2
     assert "only --method sparsegpt does" in capsys.readouterr().err
-    assert not (tmp_path / "w").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["prune", str(path), "--method", "magnitude", "--sparsity", "0.5", "--schedule", "owl",
+                 "--output", str(tmp_path / "z")]) == 2
+    assert "which --method magnitude does not use" in capsys.readouterr().err
+    assert main(["prune", str(path), "--method", "wanda", "--sparsity", "0.5", "--owl-lambda", "0.1", "--calib", str(calib),
+                 "--output", str(tmp_path / "z")]) == 2
+    assert "--owl-lambda and --owl-m set the OWL schedule: add --schedule owl" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "wxyz")
 
 
 # -- the real model ------------------------------------------------------------------------------------------
@@ -525,6 +603,89 @@ def test_low_rank_model_saves_and_reloads_identically(arch, method, tiny_models,
     plain = reloaded.dequantize()
     assert not any(isinstance(m, LowRankLinear) for m in plain.modules())
     torch.testing.assert_close(ref_output(plain, ids), out, atol=1e-4, rtol=1e-4)
+
+
+# -- rank allocation -----------------------------------------------------------------------------------------
+from itertools import product  # noqa: E402
+
+from hf_compress.methods.lowrank import allocate_ranks, truncation_spectrum  # noqa: E402
+
+
+def test_truncation_spectrum_gives_each_ranks_error():
+    x = correlated_inputs(24)
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(3))
+    g = GPTQ(24)
+    g.add_batch(x)
+    for method in ("svd", "asvd", "whiten"):
+        s = truncation_spectrum(w, method, g.H)
+        assert torch.all(s[:-1] >= s[1:])
+        for r in (2, 7):
+            up, down = factorize(w, r, method, g.H)
+            err = (w.double() - (up @ down).double())
+            if method == "whiten":  # the output error under the (damped) Gram matrix whitening used
+                H = g.H.double() + 0.01 * g.H.double().diagonal().mean() * torch.eye(24, dtype=torch.float64)
+                measured = (err @ H @ err.T).trace()
+            elif method == "svd":
+                measured = err.square().sum()
+            else:
+                continue  # asvd's error is in the scaled space; its ordering is what matters
+            torch.testing.assert_close(measured, s[r:].sum(), rtol=2e-3, atol=1e-6)
+
+
+def test_allocate_ranks_is_the_best_split_of_the_budget():
+    g = torch.Generator().manual_seed(0)
+    # three 12x12 layers (the same cost per rank), spectra of different decay
+    spectra = {f"l{i}": ((torch.rand(12, generator=g) * 10 ** -torch.arange(12.0) * d).sort(descending=True).values, 12, 12)
+               for i, d in enumerate((1.0, 0.3, 3.0))}
+    for ratio in (0.3, 0.5, 0.8):
+        ranks = allocate_ranks(spectra, ratio)
+        budget = ratio * 3 * 144
+        assert sum(r * 24 for r in ranks.values()) <= budget
+
+        def kept(rs):
+            return sum(float(s[:r].sum() / s.sum()) for (s, _, _), r in zip(spectra.values(), rs, strict=True))
+
+        best = max((rs for rs in product(range(1, 7), repeat=3) if sum(rs) * 24 <= budget), key=kept)
+        assert kept(list(ranks.values())) == pytest.approx(kept(best)), (ranks, best)
+    with pytest.raises(ValueError, match="leaves less than rank 1 per layer"):
+        allocate_ranks(spectra, 0.05)
+
+
+def test_sensitivity_allocation_keeps_the_budget_and_reloads(tiny_models, tmp_path):
+    path = tiny_models("llama")
+    for method, kw in (("whiten", {"dataset": calib_ids(), "n_samples": 8, "seqlen": 32}), ("svd", {})):
+        cfg = LowRankConfig(method=method, param_ratio=0.5, rank_allocation="sensitivity", **kw)
+        model = load(path, "llama", quantization_config=cfg)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        assert len(layers) >= 8
+        saved = model.config.quantization_config.ranks
+        assert saved == {n.removeprefix("model."): m.rank for n, m in layers.items()}
+        assert len(set(saved.values())) > 1  # not uniform
+        assert sum(m.rank * (m.in_features + m.out_features) for m in layers.values()) <= 0.5 * sum(
+            m.in_features * m.out_features for m in layers.values())
+        ids = token_batch()
+        out = ref_output(model, ids)
+        model.save_pretrained(tmp_path / method)
+        stored = json.loads((tmp_path / method / "config.json").read_text())["quantization_config"]
+        assert stored["ranks"] == saved and stored["rank_allocation"] == "sensitivity"
+        assert torch.equal(ref_output(load(tmp_path / method, "llama"), ids), out)
+
+
+def test_svd_rank_allocation_of_an_offloaded_model_is_refused(tiny_models, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="its weight is offloaded .* use method='whiten'"):
+        load(tiny_models("llama"), "llama", quantization_config=LowRankConfig(param_ratio=0.5, rank_allocation="sensitivity"),
+             device_map=device_map, offload_folder=str(tmp_path / "off"))
+
+
+def test_rank_allocation_config_errors():
+    with pytest.raises(ValueError, match="shares a parameter budget across layers: give param_ratio, not rank"):
+        LowRankConfig(rank=4, rank_allocation="sensitivity")
+    with pytest.raises(ValueError, match="rank_allocation must be one of"):
+        LowRankConfig(param_ratio=0.5, rank_allocation="greedy")
+    with pytest.raises(ValueError, match="ranks must be a dict of linear name -> positive integer rank"):
+        LowRankConfig(param_ratio=0.5, ranks={"layers.0.mlp.up_proj": 0})
 
 
 # -- structured pruning --------------------------------------------------------------------------------------
@@ -695,7 +856,14 @@ def test_cli_structured_and_lowrank(tmp_path, capsys):
     assert "--method whiten calibrates: pass --calib TEXTFILE" in capsys.readouterr().err
     assert main(["lowrank", str(PYDOC_MODEL), "--rank", "300", "--output", str(tmp_path / "n")]) == 2
     assert "rank 300 is not possible for a 256->256 linear" in capsys.readouterr().err
+    assert main(["lowrank", str(PYDOC_MODEL), "--rank", "8", "--rank-allocation", "sensitivity", "--output", str(tmp_path / "n")]) == 2
+    assert "give param_ratio, not rank" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+    assert main(["lowrank", str(PYDOC_MODEL), "--param-ratio", "0.8", "--rank-allocation", "sensitivity",
+                 "--output", str(tmp_path / "s")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    ranks = {n.removeprefix("model."): x.rank for n, x in reloaded.named_modules() if isinstance(x, LowRankLinear)}
+    assert len(set(ranks.values())) > 1 and ranks == reloaded.config.quantization_config.ranks
 
 
 def test_structured_recipe_builds_both_configs(tmp_path):

@@ -4,7 +4,8 @@ or compressed by us) and :func:`load_gguf` reads one into our packed layers with
 Export: the container through the ``gguf`` package's ``GGUFWriter``; the block bytes by
 :mod:`hf_compress.quant.gguf_blocks`; llama.cpp's tensor names (``gguf.get_tensor_name_map``), Q/K rows permuted
 for the ``llama`` architecture as llama.cpp's conversion does (not for ``qwen2``); tied output embeddings written
-as no ``output.weight``; the mixes ``Q4_K_M`` / ``Q5_K_M`` choose types per tensor as ``llama-quantize`` does.
+as no ``output.weight``; the mixes (``Q4_K_M``, ``Q5_K_M``, ``Q3_K_S/M/L``, ``Q2_K``...) choose types per tensor
+as ``llama-quantize`` does.
 
 Load: Q8_0, Q4_0, Q4_K and TQ1_0 / TQ2_0 weights become ``QuantLinear`` layers holding the same codes (Q8_0 →
 8-bit groups of 32 with zero code 128; Q4_0 → 4-bit groups of 32, zero 8; Q4_K → 4-bit groups of 32 with scale
@@ -38,7 +39,8 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # qtype -> (base type of the linears, the llama-quantize file type id)
 MIXES = {
     "F32": ("F32", 0), "F16": ("F16", 1), "Q4_0": ("Q4_0", 2), "Q8_0": ("Q8_0", 7), "Q5_0": ("Q5_0", 8),
-    "Q5_1": ("Q5_1", 9), "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16),
+    "Q5_1": ("Q5_1", 9), "Q2_K": ("Q2_K", 10), "Q3_K_S": ("Q3_K", 11), "Q3_K_M": ("Q3_K", 12), "Q3_K_L": ("Q3_K", 13),
+    "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16),
     "Q5_K_M": ("Q5_K", 17), "Q6_K": ("Q6_K", 18), "TQ1_0": ("TQ1_0", 36), "TQ2_0": ("TQ2_0", 37),
 }
 TERNARY = ("TQ1_0", "TQ2_0")
@@ -52,9 +54,40 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_types(names_shapes: list[tuple[str, tuple[int, ...]]], qtype: str, tied: bool = False) -> dict[str, str]:
-    """The type of each GGUF tensor under ``qtype`` (llama.cpp's ``llama_tensor_get_type`` for our mixes), with
-    the per-tensor fallback for widths the type's blocks do not divide (logged)."""
+def _attn_v_type(qtype: str, layer: int, n_layers: int, n_gqa: int) -> str | None:
+    """llama.cpp's type for a block's ``attn_v`` under the mix ``qtype`` (None: the mix's base type)."""
+    if qtype == "Q2_K":
+        return "Q4_K" if n_gqa >= 4 else "Q3_K"
+    if qtype == "Q3_K_M":
+        return "Q5_K" if layer < 2 else "Q4_K"
+    if qtype == "Q3_K_L":
+        return "Q5_K"
+    if qtype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, n_layers):
+        return "Q6_K"
+    if qtype == "Q4_K_S" and layer < 4:
+        return "Q5_K"
+    return None
+
+
+def _ffn_down_type(qtype: str, layer: int, n_layers: int) -> str | None:
+    """llama.cpp's type for a block's ``ffn_down`` under the mix ``qtype`` (not Falcon's rules: not exported)."""
+    if qtype == "Q2_K":
+        return "Q3_K"
+    if qtype == "Q3_K_M":
+        return "Q5_K" if layer < n_layers // 16 else "Q4_K"
+    if qtype == "Q3_K_L":
+        return "Q5_K"
+    if qtype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, n_layers):
+        return "Q6_K"
+    if qtype == "Q4_K_S" and layer < n_layers // 8:
+        return "Q5_K"
+    return None
+
+
+def tensor_types(names_shapes: list[tuple[str, tuple[int, ...]]], qtype: str, tied: bool = False, n_gqa: int = 1) -> dict[str, str]:
+    """The type of each GGUF tensor under ``qtype`` (llama.cpp's ``llama_tensor_get_type`` for our mixes; ``n_gqa``:
+    query heads per key/value head, which Q2_K's choice for ``attn_v`` depends on), with the per-tensor fallback for
+    widths the type's blocks do not divide (logged)."""
     if qtype not in MIXES:
         raise ValueError(f"unknown GGUF qtype {qtype!r}: supported {', '.join(MIXES)}")
     base = MIXES[qtype][0]
@@ -70,14 +103,12 @@ def tensor_types(names_shapes: list[tuple[str, tuple[int, ...]]], qtype: str, ti
             t = "F16"  # a b1.58 model keeps its embeddings and head in float
         elif name == "output.weight" or (tied and name == "token_embd.weight"):
             t = base if base in ("F32", "F16", "Q8_0") else ("Q6_K" if shape[-1] % 256 == 0 else "Q8_0")
-        elif name.endswith("attn_v.weight") and qtype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, n_layers):
-            t = "Q6_K"
-        elif name.endswith("ffn_down.weight") and qtype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, n_layers):
-            t = "Q6_K"
-        elif name.endswith("attn_v.weight") and qtype == "Q4_K_S" and layer < 4:
-            t = "Q5_K"
-        elif name.endswith("ffn_down.weight") and qtype == "Q4_K_S" and layer < n_layers // 8:
-            t = "Q5_K"
+        elif name.endswith("attn_v.weight"):
+            t = _attn_v_type(qtype, layer, n_layers, n_gqa) or t
+        elif name.endswith("ffn_down.weight"):
+            t = _ffn_down_type(qtype, layer, n_layers) or t
+        elif name.endswith("attn_output.weight"):
+            t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(qtype, t)
         if t not in ("F32", "F16") and not blocks.fits(t, shape[-1]):
             fb = blocks.FALLBACK.get(t, "F16")
             if not blocks.fits(fb, shape[-1]):
@@ -411,7 +442,8 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
         else:
             w_shape = (src.out_features, src.in_features) if hasattr(src, "out_features") else (src.rows, src.cols)
             shapes.append((gname, w_shape))
-    types = tensor_types(shapes, qtype, tied)
+    n_heads = getattr(config, "num_attention_heads", 1)
+    types = tensor_types(shapes, qtype, tied, n_gqa=n_heads // (getattr(config, "num_key_value_heads", None) or n_heads))
     for _, src, _, _ in sources:
         if not isinstance(src, torch.Tensor):
             _check_expressible(src)
@@ -451,7 +483,7 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
                     data, rel = _gptq_blocks(hessians.pop(mod_name), w, t, im, refine)
                     logger.debug(f"{gname} {t} GPTQ: relative output error {rel:.4g}")
                 else:
-                    data = blocks.quantize(w, t, im, refine)
+                    data = blocks.quantize(w, t, im, refine, embedding=gname == "token_embd.weight")
             if t == "F16":
                 writer.add_tensor(gname, data.view(torch.float16).numpy() if data.dtype == torch.uint8 else data.numpy())
             else:

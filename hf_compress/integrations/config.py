@@ -399,6 +399,10 @@ class QATConfig(HfCompressConfig):
         return W8A8Config(mode=self.activations, modules_to_not_convert=copy.deepcopy(self.modules_to_not_convert))
 
 
+SPARSITY_SCHEDULES = ("uniform", "owl")
+RANK_ALLOCATIONS = ("uniform", "sensitivity")
+
+
 class PruneConfig(HfCompressConfig):
     """Fields shared by the pruning methods (magnitude, Wanda, SparseGPT).
 
@@ -445,16 +449,40 @@ class WandaConfig(PruneConfig):
     :class:`GPTQConfig`; true_sequential: as :class:`GPTQConfig`, but off by default, as in the Wanda and SparseGPT
     papers (every linear of a block sees the block's unpruned inputs; on pydoc-llama-6m it is also the better choice:
     SparseGPT 50% 40.19 held-out perplexity against 40.22, Wanda 2:4 44.63 against 44.83).
+        schedule: ``"uniform"`` (every block at ``sparsity``) or ``"owl"`` (outlier-weighted: blocks with more
+            outlier Wanda scores keep more weights, the average sparsity unchanged; :mod:`hf_compress.methods.owl`;
+            one extra calibration pass over the unpruned model). Unstructured sparsity only.
+        owl_lambda: OWL's λ (0.08: the paper's): block sparsities span 2·λ around the target.
+        owl_m: OWL's outlier threshold, as a multiple of the block's mean score (5.0: the paper's).
     Runtime only: dataset, tokenizer as :class:`GPTQConfig`.
     """
 
     quant_method = "hf_compress_wanda"
-    fields = {**PruneConfig.fields, "true_sequential": False, **CALIBRATION_FIELDS}
+    fields = {**PruneConfig.fields, "true_sequential": False, "schedule": "uniform", "owl_lambda": 0.08, "owl_m": 5.0,
+              **CALIBRATION_FIELDS}
     runtime_fields = CALIBRATION_RUNTIME_FIELDS
 
     def post_init(self) -> None:
         super().post_init()
         check_type(self.true_sequential, (bool,), "true_sequential", "True or False")
+        if self.schedule not in SPARSITY_SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SPARSITY_SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "owl" and self.pattern is not None:
+            raise ValueError(
+                f"schedule='owl' varies the sparsity per block, which the N:M pattern {self.pattern} fixes: use "
+                "schedule='uniform' with a pattern, or sparsity=... with OWL"
+            )
+        check_type(self.owl_lambda, (int, float), "owl_lambda", "a number in [0, 0.5)")
+        if not 0 <= self.owl_lambda < 0.5:
+            raise ValueError(f"owl_lambda is half the span of the block sparsities and must be in [0, 0.5), got {self.owl_lambda!r}")
+        if self.schedule == "owl" and not (self.sparsity - 2 * self.owl_lambda >= 0 and self.sparsity + 2 * self.owl_lambda < 1):
+            raise ValueError(
+                f"with owl_lambda={self.owl_lambda} a block's sparsity may lie up to {2 * self.owl_lambda:g} from {self.sparsity}, "
+                "outside [0, 1): lower owl_lambda (or move sparsity away from 0 and 1)"
+            )
+        check_type(self.owl_m, (int, float), "owl_m", "a positive number")
+        if self.owl_m <= 0:
+            raise ValueError(f"owl_m (the outlier threshold, a multiple of the mean score) must be positive, got {self.owl_m!r}")
         check_calibration_fields(self)
 
 
@@ -463,7 +491,8 @@ class SparseGPTConfig(WandaConfig):
     ``bits`` it prunes and quantizes in the same pass and stores the GPTQ layout (pruned weights hold the zero
     code, so they dequantize to exactly 0; zero codes stored exactly, as ``gptq_v2``).
 
-    Args: sparsity, pattern, modules_to_not_convert, true_sequential, n_samples, seqlen, seed as :class:`WandaConfig`;
+    Args: sparsity, pattern, modules_to_not_convert, true_sequential, schedule, owl_lambda, owl_m, n_samples, seqlen,
+        seed as :class:`WandaConfig`;
         bits: None (prune only) or 2, 3, 4, 8 (prune + quantize); group_size, sym: as :class:`RTNConfig` (with bits);
         damp_percent, block_size: as :class:`GPTQConfig` (block_size must be a multiple of M for N:M).
     Runtime only: dataset, tokenizer as :class:`GPTQConfig`.
@@ -496,6 +525,13 @@ class LowRankConfig(HfCompressConfig):
         param_ratio: the fraction of each linear's weights the factors keep, in (0, 1]: rank
             ``floor(ratio * m n / (m + n))``. Or:
         rank: one rank for every linear (at most min(in, out)). Give exactly one of the two.
+        rank_allocation: with ``param_ratio``: ``"uniform"`` (every linear keeps that ratio) or ``"sensitivity"``
+            (the ratio holds for all the linears together; each gets the rank that removes the most relative
+            truncation error per parameter: :func:`~hf_compress.methods.lowrank.allocate_ranks`, on every layer's
+            spectrum measured first, one extra calibration pass for asvd and whiten).
+        ranks: ``{linear name: rank}`` (names under the base model, e.g. ``layers.0.mlp.down_proj``), overriding
+            ``rank``/``param_ratio`` for those layers; filled in by ``rank_allocation="sensitivity"`` and written to
+            ``config.json``, so a reload builds the same layers.
         alpha: asvd's exponent (0.5).
         damp_percent: whiten's damping of the Gram matrix, as a fraction of its mean diagonal (0.01).
         bits, group_size, sym: quantize the two factors with RTN too (None: float factors).
@@ -504,7 +540,7 @@ class LowRankConfig(HfCompressConfig):
     """
 
     quant_method = "hf_compress_lowrank"
-    fields = {"method": "svd", "param_ratio": None, "rank": None, "alpha": 0.5, "damp_percent": 0.01, "bits": None,
+    fields = {"method": "svd", "param_ratio": None, "rank": None, "rank_allocation": "uniform", "ranks": None, "alpha": 0.5, "damp_percent": 0.01, "bits": None,
               "group_size": -1, "sym": True, "modules_to_not_convert": None, "true_sequential": True, **CALIBRATION_FIELDS}
     runtime_fields = CALIBRATION_RUNTIME_FIELDS
 
@@ -523,6 +559,15 @@ class LowRankConfig(HfCompressConfig):
             check_type(self.rank, (int,), "rank", "a positive integer")
             if self.rank <= 0:
                 raise ValueError(f"rank must be a positive integer (at most min(in, out) of every layer), got {self.rank!r}")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(f"rank_allocation must be one of {list(RANK_ALLOCATIONS)}, got {self.rank_allocation!r}")
+        if self.rank_allocation == "sensitivity" and self.param_ratio is None:
+            raise ValueError("rank_allocation='sensitivity' shares a parameter budget across layers: give param_ratio, not rank")
+        if self.ranks is not None and not (
+            isinstance(self.ranks, dict)
+            and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in self.ranks.items())
+        ):
+            raise ValueError(f"ranks must be a dict of linear name -> positive integer rank, or None; got {self.ranks!r}")
         check_type(self.alpha, (int, float), "alpha", "a number")
         check_type(self.damp_percent, (int, float), "damp_percent", "a number in [0, 1)")
         if not 0 <= self.damp_percent < 1:
@@ -536,11 +581,21 @@ class LowRankConfig(HfCompressConfig):
 
     @property
     def needs_calibration(self) -> bool:
+        """Whether compressing needs calibration data (asvd, whiten)."""
         return self.method != "svd"
 
-    def rank_for(self, in_features: int, out_features: int) -> int:
+    @property
+    def allocates(self) -> bool:
+        """Whether the ranks are still to be allocated across layers (before any layer is factorised)."""
+        return self.rank_allocation == "sensitivity" and self.ranks is None
+
+    def rank_for(self, in_features: int, out_features: int, name: str | None = None) -> int:
+        """The rank of a linear: ``ranks[name]`` if listed, else ``rank`` or the one ``param_ratio`` gives."""
         from ..methods.lowrank import check_rank, rank_for_ratio
 
-        rank = self.rank if self.rank is not None else rank_for_ratio(in_features, out_features, self.param_ratio)
+        if self.ranks is not None and name in self.ranks:
+            rank = self.ranks[name]
+        else:
+            rank = self.rank if self.rank is not None else rank_for_ratio(in_features, out_features, self.param_ratio)
         check_rank(rank, in_features, out_features)
         return rank

@@ -62,6 +62,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def block_index(prefix: str, name: str) -> int:
+    """The index of the block holding the module ``name``, under the block list at ``prefix`` (:func:`find_blocks`)."""
+    return int(name[len(prefix) + 1:].split(".", 1)[0])
+
+
 def execution_device(model: nn.Module) -> torch.device:
     """Where the model computes: accelerate's execution device if dispatched, else its first parameter's device."""
     hook = getattr(model, "_hf_hook", None)
@@ -270,3 +275,26 @@ def compress_layerwise(
         if block_bytes >= RELEASE_MIN_BYTES:
             release_memory()
     return done
+
+
+def observe_layerwise(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    make_observer: Callable[[list[nn.Module]], object],
+    observe: Callable[[int, str, nn.Module, object], None],
+    skip: list[str] | None = None,
+    device=None,
+    desc: str = "observing",
+) -> None:
+    """One pass of the driver that changes nothing: ``observe(block index, name, linear, observer)`` for every
+    convertible linear of the unchanged model, for statistics needed across blocks before any is compressed (OWL's
+    outlier ratios, the spectra that rank allocation compares). One block on the compute device at a time, as above."""
+    prefix, _ = find_blocks(model)
+
+    def keep(name, linear, observer):
+        observe(block_index(prefix, name), name, linear, observer)
+        return linear
+
+    compress_layerwise(model, windows, make_observer=make_observer, compress=keep, skip=skip, true_sequential=False,
+                       device=device, desc=desc)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..methods.magnitude import magnitude_mask
+from ..methods.owl import outlier_ratio, owl_sparsities
 from ..methods.sparsegpt import SparseGPT
 from ..methods.wanda import WandaStats, wanda_mask
 from ..nn.quant_linear import QuantLinear
@@ -93,9 +94,35 @@ class CalibratedPruneHfQuantizer(CalibrateAfterLoading, PruneHfQuantizer):
     def make_observer(self, in_features: int):
         raise NotImplementedError
 
-    def prune_weight(self, weight: torch.Tensor, observer) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """``(pruned weight [out, in], keep-mask, quantized weight or None)``."""
+    def prune_weight(self, weight: torch.Tensor, observer, sparsity: float) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """``(pruned weight [out, in], keep-mask, quantized weight or None)`` at ``sparsity`` (or the config's pattern)."""
         raise NotImplementedError
+
+    def owl_schedule(self, model, windows) -> dict[int, float]:
+        """``{block index: sparsity}`` from OWL's outlier ratios of the unpruned model (one extra pass)."""
+        from .layerwise import observe_layerwise
+
+        cfg = self.quantization_config
+        scores: dict[int, list[torch.Tensor]] = {}
+        ratios: dict[int, float] = {}
+
+        def finish(keep: int | None = None) -> None:  # blocks run in order: a block is complete once the next starts
+            for j in [j for j in scores if j != keep]:
+                ratios[j] = outlier_ratio(scores.pop(j), cfg.owl_m)
+
+        def observe(i, name, linear, stats):
+            finish(keep=i)
+            weight = float_weight(linear).detach().float()
+            scores.setdefault(i, []).append((weight.abs() * stats.norms().to(weight.device)[None, :]).cpu())
+
+        observe_layerwise(model, windows, make_observer=lambda linears: WandaStats(linear_shape(linears[0])[0]),
+                          observe=observe, skip=self.modules_to_not_convert, desc="OWL outlier ratios")
+        finish()
+        order = sorted(ratios)
+        schedule = dict(zip(order, owl_sparsities([ratios[i] for i in order], cfg.sparsity, cfg.owl_lambda), strict=True))
+        logger.info("OWL: outlier ratios %s -> block sparsities %s", [round(ratios[i], 4) for i in order],
+                    [round(schedule[i], 3) for i in order])
+        return schedule
 
     def compressed_layer(self, linear, pruned, mask, quantized) -> nn.Module:
         layer = self.layer_for(linear, device=pruned.device, kept=int(mask.sum()))
@@ -105,16 +132,21 @@ class CalibratedPruneHfQuantizer(CalibrateAfterLoading, PruneHfQuantizer):
     def calibrate(self, model) -> dict[str, float]:
         """Calibrate and prune every convertible linear; returns each layer's kept fraction."""
         from .calibration import calibration_tokens
-        from .layerwise import compress_layerwise
+        from .layerwise import block_index, compress_layerwise, find_blocks
 
         cfg = self.quantization_config
         windows = calibration_tokens(model, cfg)
         kept: dict[str, float] = {}
+        was_training = model.training
+        model.eval()
+        schedule = self.owl_schedule(model, windows) if cfg.schedule == "owl" else None
+        prefix, _ = find_blocks(model)
 
         def compress(name, linear, observer):
             weight = float_weight(linear).detach()
+            sparsity = cfg.sparsity if schedule is None else schedule[block_index(prefix, name)]
             try:
-                pruned, mask, quantized = self.prune_weight(weight, observer)
+                pruned, mask, quantized = self.prune_weight(weight, observer, sparsity)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
             kept[name] = mask.float().mean().item()
@@ -122,8 +154,6 @@ class CalibratedPruneHfQuantizer(CalibrateAfterLoading, PruneHfQuantizer):
             linear.weight.data.copy_(pruned.t() if type(linear).__name__ == "Conv1D" else pruned)
             return self.compressed_layer(linear, pruned, mask, quantized)
 
-        was_training = model.training
-        model.eval()
         done = compress_layerwise(
             model, windows, make_observer=lambda linears: self.make_observer(linear_shape(linears[0])[0]),
             compress=compress, skip=self.modules_to_not_convert, true_sequential=cfg.true_sequential,
@@ -143,8 +173,8 @@ class WandaHfQuantizer(CalibratedPruneHfQuantizer):
     def make_observer(self, in_features):
         return WandaStats(in_features)
 
-    def prune_weight(self, weight, observer):
-        mask = wanda_mask(weight, observer, self.quantization_config.sparsity, self.quantization_config.nm)
+    def prune_weight(self, weight, observer, sparsity):
+        mask = wanda_mask(weight, observer, sparsity, self.quantization_config.nm)
         return weight * mask, mask, None
 
 
@@ -179,10 +209,10 @@ class SparseGPTHfQuantizer(CalibratedPruneHfQuantizer):
     def make_observer(self, in_features):
         return SparseGPT(in_features)
 
-    def prune_weight(self, weight, observer):
+    def prune_weight(self, weight, observer, sparsity):
         cfg = self.quantization_config
         r = observer.prune(
-            weight, cfg.sparsity, cfg.nm, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+            weight, sparsity, cfg.nm, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
             damp_percent=cfg.damp_percent, block_size=cfg.block_size,
             scale_dtype=self.scale_dtype if cfg.bits is not None else None,
         )

@@ -156,6 +156,10 @@ class CompressedHfQuantizer(HfQuantizer):
     def layer_for(self, module: nn.Module, device=None) -> nn.Module:
         raise NotImplementedError
 
+    def layer_for_name(self, model: nn.Module, name: str, module: nn.Module, device=None) -> nn.Module:
+        """:meth:`layer_for` the linear ``name`` of ``model``, for configs whose layers differ by name (per-layer ranks)."""
+        return self.layer_for(module, device=device)
+
     def expected_tensors(self, module: nn.Module) -> dict[str, tuple[tuple[int, ...], str | None]]:
         """``{tensor: (shape, safetensors dtype or None)}`` a checkpoint must hold for ``module``."""
         raise NotImplementedError
@@ -179,7 +183,7 @@ class CompressedHfQuantizer(HfQuantizer):
             nonlocal quantized_numel
             in_f, out_f = linear_shape(module)
             quantized_numel += in_f * out_f
-            layer = self.layer_for(module, device="meta")
+            layer = self.layer_for_name(model, name, module, device="meta")
             if not self.pre_quantized:
                 layer.add_weight_placeholder()
             return layer
