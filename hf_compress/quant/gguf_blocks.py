@@ -431,6 +431,14 @@ def _unpack_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _round_under_max(v: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's reference rounding of a super-block's non-negative sub-block scales (or mins) ``v [B, S]``: codes
+    ``nearest(levels · v / max)`` (at most ``levels``) and the step ``max / levels``, both 0 where the max is."""
+    mx = v.amax(-1, keepdim=True).clamp(min=0)
+    inv = torch.where(mx > 0, levels / mx.clamp(min=1e-30), torch.zeros_like(mx))
+    return _nearest(inv * v).clamp(max=levels), mx / levels
+
+
 def _k_scales_mins(w: torch.Tensor, nmax: int, imatrix, rmin: float, nstep: int, refine: str | None):
     """Sub-block codes, and the super-block's packed scales and fp16 d / dmin, for Q4_K (nmax 15) or Q5_K (31)."""
     xs = w.reshape(-1, 8, 32)
@@ -441,13 +449,7 @@ def _k_scales_mins(w: torch.Tensor, nmax: int, imatrix, rmin: float, nstep: int,
         wt = av_x + x.abs()
         L0, scales, mins = make_qkx_quants(x, nmax, wt, rmin, 0.1, nstep)
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-        max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-        max_min = mins.amax(-1, keepdim=True).clamp(min=0)
-        inv_scale = torch.where(max_scale > 0, 63.0 / max_scale.clamp(min=1e-30), torch.zeros_like(max_scale))
-        inv_min = torch.where(max_min > 0, 63.0 / max_min.clamp(min=1e-30), torch.zeros_like(max_min))
-        ls = _nearest(inv_scale * scales).clamp(max=63)
-        lm = _nearest(inv_min * mins).clamp(max=63)
-        d, dmin = max_scale / 63, max_min / 63
+        (ls, d), (lm, dmin) = _round_under_max(scales, 63), _round_under_max(mins, 63)
     else:
         sigma2 = 2 * (xs * xs).sum((-1, -2)) / QK_K
         wt = _imatrix_weights(x, _imatrix_per_block(w, imatrix, 32), sigma2.repeat_interleave(8).unsqueeze(-1))
@@ -621,11 +623,7 @@ def _q2_k(w, imatrix, refine):
     if imatrix is None:
         L0, scales, mins = make_qkx_quants(x, 3, x.abs(), -0.5, 0.1, 15, mad=True)
         scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-        max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-        max_min = mins.amax(-1, keepdim=True).clamp(min=0)
-        ls = _nearest(torch.where(max_scale > 0, 15.0 / max_scale.clamp(min=1e-30), torch.zeros_like(max_scale)) * scales)
-        lm = _nearest(torch.where(max_min > 0, 15.0 / max_min.clamp(min=1e-30), torch.zeros_like(max_min)) * mins)
-        d, dmin = max_scale / 15, max_min / 15
+        (ls, d), (lm, dmin) = _round_under_max(scales, 15), _round_under_max(mins, 15)
     else:
         sigma2 = (xs * xs).sum((-1, -2)) / QK_K
         wt = _imatrix_weights(x, _imatrix_per_block(w, imatrix, 16), sigma2.repeat_interleave(16).unsqueeze(-1))
