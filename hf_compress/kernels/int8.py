@@ -110,15 +110,18 @@ def _prepared(layer, cache: dict, name: str) -> dict:
     return state
 
 
-def _outlier_part(x2: torch.Tensor, idx: torch.Tensor, state: dict) -> torch.Tensor:
-    """LLM.int8's float path: ``x[:, idx] @ W[:, idx].T`` in float32 for the outlier columns ``idx``.
+def _add_outlier_part(out: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, state: dict) -> torch.Tensor:
+    """LLM.int8's float path: ``out += x[:, idx] @ W[:, idx].T`` in float32 for the outlier columns ``idx``.
 
     Gathering columns of the ``[N, K]`` int8 weight costs ~1 ms at 2048x5632 (a cache line per row and
     column), more than the int8 GEMV itself, and the outlier set changes from token to token as occasional
     outliers come and go. So every column once gathered is kept dequantized, as a row of a per-layer float32
     cache (up to ``K/16`` columns, 25% of the int8 weight's bytes at most; a model's outlier features are a
     few channels). A few rows (decode) scatter their outlier activations into a ``[M, cached]`` matrix that
-    multiplies the whole cache; more rows multiply just their columns, copied out of the cache."""
+    multiplies the whole cache; more rows multiply just their columns, copied out of the cache.
+
+    The product accumulates into ``out`` (``addmm_``): a separate product allocates a fresh float32 ``[M, N]``
+    and faults its pages in, 7.3 ms against 2.3 ms at 1024x32x5632 (a fifth of the layer's time), plus an add."""
     weight, w_scale = state["weight"], state["w_scale"]
     k = weight.shape[1]
     if "col_slot" not in state:
@@ -127,7 +130,6 @@ def _outlier_part(x2: torch.Tensor, idx: torch.Tensor, state: dict) -> torch.Ten
     slot, rows = state["col_slot"], state["col_rows"]
     slots = slot[idx]
     new = idx[slots < 0]
-    out = None
     if new.numel():
         room = max(32, k // 16) - rows.shape[0]
         if room > 0:
@@ -137,21 +139,20 @@ def _outlier_part(x2: torch.Tensor, idx: torch.Tensor, state: dict) -> torch.Ten
             slots, new = slot[idx], new[room:]
         if new.numel():  # cache full: gather the rest directly
             w_new = weight.index_select(1, new).t().float().mul_(w_scale)
-            out = x2.index_select(1, new).float() @ w_new
+            out.addmm_(x2.index_select(1, new).float(), w_new)
     cached = slots >= 0
     if not bool(cached.all()):
         slots, idx_c = slots[cached], idx[cached]
     else:
         idx_c = idx
     x_out = x2.index_select(1, idx_c).float()
-    if x2.shape[0] > 4 and slots.numel() < rows.shape[0]:
+    if x2.shape[0] > 4:
         # many rows: multiply only this batch's columns (copying them out of the cache is cheap beside the GEMM)
-        part = x_out @ rows.index_select(0, slots)
-    else:  # a few rows (decode): scatter into the cache's column space, no copy of weight rows
-        x_cached = x2.new_zeros((x2.shape[0], rows.shape[0]), dtype=torch.float32)
-        x_cached[:, slots] = x_out
-        part = x_cached @ rows
-    return part if out is None else out.add_(part)
+        return out.addmm_(x_out, rows.index_select(0, slots))
+    # a few rows (decode): scatter into the cache's column space, no copy of weight rows
+    x_cached = x2.new_zeros((x2.shape[0], rows.shape[0]), dtype=torch.float32)
+    x_cached[:, slots] = x_out
+    return out.addmm_(x_cached, rows)
 
 
 def _forward(x: torch.Tensor, layer) -> torch.Tensor:
@@ -189,7 +190,7 @@ def _forward(x: torch.Tensor, layer) -> torch.Tensor:
             threshold=layer.threshold,
         )
     if idx is not None:
-        out = out.add_(_outlier_part(x2, idx, state))
+        out = _add_outlier_part(out, x2, idx, state)
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
