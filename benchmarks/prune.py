@@ -3,7 +3,8 @@
 Rows (calibration: 128 windows of 256 tokens of pydoc-calib, seed 0; perplexity: the first 20,000 tokens of
 pydoc-heldout in 256-token windows):
 
-- dense; magnitude, Wanda and SparseGPT at 50% unstructured and 2:4; Wanda and SparseGPT at 50% with OWL's
+- dense; magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 (SparseGPT also without the refit of its kept
+  weights, the paper's algorithm); Wanda and SparseGPT at 50% with OWL's
   outlier-weighted per-block schedule; SparseGPT 50% + 4-bit g128 in one pass;
 - llm-compressor's SparseGPT and Wanda on the same model, the same calibration windows and settings, in its own
   venv (``bash benchmarks/llmcompressor/setup.sh``; skipped with a note when absent, or ``--no-llmcompressor``);
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
         add(f"magnitude {target}", "prune", hf_compress.MagnitudePruneConfig(**kw))
         add(f"Wanda {target}", "prune", hf_compress.WandaConfig(**kw, **calib))
         add(f"SparseGPT {target}", "prune", hf_compress.SparseGPTConfig(**kw, **calib))
+        # the paper's algorithm (no refit of the kept weights), like for like with llm-compressor's
+        add(f"SparseGPT {target} no refit", "prune", hf_compress.SparseGPTConfig(**kw, refit_steps=0, **calib))
     for name, cls in (("Wanda", hf_compress.WandaConfig), ("SparseGPT", hf_compress.SparseGPTConfig)):
         add(f"{name} 50% OWL", "prune", cls(sparsity=0.5, schedule="owl", **calib))
     add("SparseGPT 50% + int4 g128", "prune", hf_compress.SparseGPTConfig(sparsity=0.5, bits=4, group_size=128, sym=False, **calib))
@@ -201,7 +204,9 @@ def main(argv=None) -> int:
                 if r:
                     target = "50%" if mask == "0:0" else "2:4"
                     ours = next(x for x in rows if x["row"] == f"{'SparseGPT' if method == 'sparsegpt' else 'Wanda'} {target}")
+                    plain = next((x for x in rows if x["row"] == f"SparseGPT {target} no refit"), None) if method == "sparsegpt" else None
                     llmc_rows.append({"row": f"llm-compressor {method} {target}", "ppl": r["ppl"], "ours ppl": ours["ppl"],
+                                      "ours, no refit": plain["ppl"] if plain else None,
                                       "ours / theirs ppl": ours["ppl"] / r["ppl"], "their s": r["prune_seconds"],
                                       "our s": ours["compress s"], "measured sparsity": r["measured_sparsity"]})
 

@@ -138,7 +138,11 @@ def prune_config(args):
     if args.skip:
         fields["modules_to_not_convert"] = args.skip
     quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
-    if quant and args.method != "sparsegpt":
+    if args.refit_steps is not None and args.method != "sparsegpt":
+        raise ValueError(f"--refit-steps refits SparseGPT's kept weights, which only --method sparsegpt does (got {args.method})")
+    if args.refit_steps is not None:
+        quant["refit_steps"] = args.refit_steps
+    if {"bits", "group_size", "sym"} & set(quant) and args.method != "sparsegpt":
         raise ValueError(f"--bits/--group-size/--sym quantize while pruning, which only --method sparsegpt does (got {args.method})")
     owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
     if owl and args.schedule != "owl":
@@ -463,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sparsity", type=float, default=None, help="fraction of each linear's weights removed, in [0, 1)")
     r.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (at most N kept in every M)")
     r.add_argument("--calib", default=None, help="calibration text file (required by wanda and sparsegpt; never the evaluation text)")
+    r.add_argument("--refit-steps", dest="refit_steps", type=int, default=None,
+                   help="sparsegpt: conjugate-gradient steps refitting the kept weights after the mask is chosen (5; 0: off)")
     r.add_argument("--schedule", default="uniform", choices=["uniform", "owl"], help="wanda/sparsegpt: the same sparsity in every block, or OWL's outlier-weighted per-block sparsity")
     r.add_argument("--owl-lambda", dest="owl_lambda", type=float, default=None, help="--schedule owl: half the span of the block sparsities (0.08)")
     r.add_argument("--owl-m", dest="owl_m", type=float, default=None, help="--schedule owl: outlier threshold, a multiple of the mean score (5)")

@@ -214,6 +214,34 @@ def test_sparsegpt_joint_quantization_keeps_pruned_weights_at_exact_zero():
     assert r.relative_error < 1.3 * g.prune(w, 0.5).relative_error  # 4-bit adds little to 50% pruning
 
 
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_refit_reaches_the_least_squares_fit_for_its_mask(pattern):
+    x = correlated_inputs(64).double()
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(5))
+    g = SparseGPT(64, hessian_dtype=torch.float64)
+    g.add_batch(x)
+    plain = g.prune(w, 0.5, pattern)
+    refit = g.prune(w, 0.5, pattern, refit_steps=64)  # CG is exact within n steps (64 inputs), up to rounding
+    assert torch.equal(refit.mask, plain.mask) and (refit.weight[~refit.mask] == 0).all()
+    H = g.H.double()
+    H = H + plain.damp * torch.eye(64, dtype=torch.float64)
+    for r in range(12):  # the fit the refit must reach: w'_S = H_SS^-1 H_S: w, zero elsewhere
+        S = refit.mask[r]
+        best = torch.zeros(64, dtype=torch.float64)
+        best[S] = torch.linalg.solve(H[S][:, S], H[S] @ w[r].double())
+        torch.testing.assert_close(refit.weight[r].double(), best, rtol=1e-3, atol=1e-4)
+    assert refit.relative_error < 0.9 * plain.relative_error, (refit.relative_error, plain.relative_error)
+    few = g.prune(w, 0.5, pattern, refit_steps=3)
+    assert refit.relative_error <= few.relative_error < plain.relative_error  # every step lowers the error
+    with pytest.raises(ValueError, match="refit_steps must be a non-negative integer, got -1"):
+        g.prune(w, 0.5, refit_steps=-1)
+    quantized = g.prune(w, 0.5, bits=4, refit_steps=20)  # weights on the grid: the refit does not apply
+    assert torch.equal(quantized.weight, g.prune(w, 0.5, bits=4).weight)
+    with pytest.raises(ValueError, match=r"refit_steps must be a non-negative integer \(0 turns the refit off\), got -2"):
+        SparseGPTConfig(sparsity=0.5, refit_steps=-2)
+    assert SparseGPTConfig(sparsity=0.5).refit_steps == 5
+
+
 def test_sparsegpt_is_deterministic():
     x = correlated_inputs(64)
     w = torch.randn(16, 64)
@@ -493,6 +521,9 @@ def test_cli_prune(tiny_models, tmp_path, capsys):
     assert main(["prune", str(path), "--method", "wanda", "--sparsity", "0.5", "--owl-lambda", "0.1", "--calib", str(calib),
                  "--output", str(tmp_path / "z")]) == 2
     assert "--owl-lambda and --owl-m set the OWL schedule: add --schedule owl" in capsys.readouterr().err
+    assert main(["prune", str(path), "--method", "wanda", "--sparsity", "0.5", "--refit-steps", "5", "--calib", str(calib),
+                 "--output", str(tmp_path / "z")]) == 2
+    assert "--refit-steps refits SparseGPT's kept weights, which only --method sparsegpt does (got wanda)" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "wxyz")
 
 

@@ -495,11 +495,15 @@ class SparseGPTConfig(WandaConfig):
         seed as :class:`WandaConfig`;
         bits: None (prune only) or 2, 3, 4, 8 (prune + quantize); group_size, sym: as :class:`RTNConfig` (with bits);
         damp_percent, block_size: as :class:`GPTQConfig` (block_size must be a multiple of M for N:M).
+        refit_steps: conjugate-gradient steps that refit the kept weights to the layer's calibration outputs
+            after the OBS pass, the mask fixed (default 5, where the gain levels off; 0 is the paper's algorithm;
+            ignored with ``bits``, whose weights stay on the quantization grid).
     Runtime only: dataset, tokenizer as :class:`GPTQConfig`.
     """
 
     quant_method = "hf_compress_sparsegpt"
-    fields = {**WandaConfig.fields, "bits": None, "group_size": -1, "sym": True, "damp_percent": 0.01, "block_size": 128}
+    fields = {**WandaConfig.fields, "bits": None, "group_size": -1, "sym": True, "damp_percent": 0.01, "block_size": 128,
+              "refit_steps": 5}
 
     def post_init(self) -> None:
         super().post_init()
@@ -507,6 +511,9 @@ class SparseGPTConfig(WandaConfig):
             check_bits_and_group(self.bits, self.group_size)
             check_type(self.sym, (bool,), "sym", "True or False")
         check_hessian_fields(self)
+        check_type(self.refit_steps, (int,), "refit_steps", "a non-negative integer")
+        if self.refit_steps < 0:
+            raise ValueError(f"refit_steps must be a non-negative integer (0 turns the refit off), got {self.refit_steps!r}")
         nm = self.nm
         if nm is not None and (self.block_size % nm[1] or (self.bits is not None and self.group_size != -1 and self.group_size % nm[1])):
             raise ValueError(
