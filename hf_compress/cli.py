@@ -138,12 +138,12 @@ def prune_config(args):
     if args.skip:
         fields["modules_to_not_convert"] = args.skip
     quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
-    if args.refit_steps is not None and args.method != "sparsegpt":
-        raise ValueError(f"--refit-steps refits SparseGPT's kept weights, which only --method sparsegpt does (got {args.method})")
-    if args.refit_steps is not None:
-        quant["refit_steps"] = args.refit_steps
-    if {"bits", "group_size", "sym"} & set(quant) and args.method != "sparsegpt":
+    if quant and args.method != "sparsegpt":
         raise ValueError(f"--bits/--group-size/--sym quantize while pruning, which only --method sparsegpt does (got {args.method})")
+    if args.refit_steps is not None:
+        if args.method != "sparsegpt":
+            raise ValueError(f"--refit-steps refits SparseGPT's kept weights, which only --method sparsegpt does (got {args.method})")
+        quant["refit_steps"] = args.refit_steps
     owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
     if owl and args.schedule != "owl":
         raise ValueError("--owl-lambda and --owl-m set the OWL schedule: add --schedule owl")

@@ -45,9 +45,10 @@ def refit_kept(weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, H
     ``W'`` that are 0 where ``keep`` is False: ``steps`` of conjugate gradient, every row its own system (one
     ``[out, in] @ [in, in]`` product per step), Jacobi-preconditioned by ``diag(H)``. ``H`` must be positive
     definite on the kept inputs (damped). Pruned weights stay exactly 0; float32 throughout."""
+    tiny = torch.finfo(torch.float32).tiny
     M = keep.to(torch.float32)
     W = pruned.to(torch.float32).clone()
-    inv_d = 1.0 / H.diagonal().clamp(min=torch.finfo(torch.float32).tiny)
+    inv_d = 1.0 / H.diagonal().clamp(min=tiny)
     R = ((weight.to(torch.float32) - W) @ H).mul_(M)  # minus the gradient, on the kept weights only
     Z = R * inv_d
     P = Z.clone()
@@ -55,12 +56,12 @@ def refit_kept(weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, H
     for _ in range(steps):
         HP = (P @ H).mul_(M)
         pHp = (P * HP).sum(1)
-        alpha = torch.where(pHp > 0, rz / pHp.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        alpha = torch.where(pHp > 0, rz / pHp.clamp(min=tiny), 0.0)
         W.addcmul_(alpha[:, None], P)
         R.addcmul_(alpha[:, None], HP, value=-1)
         Z = R * inv_d
         rz_next = (R * Z).sum(1)
-        beta = torch.where(rz > 0, rz_next / rz.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        beta = torch.where(rz > 0, rz_next / rz.clamp(min=tiny), 0.0)
         P = Z.add_(P * beta[:, None])
         rz = rz_next
     return W
