@@ -245,3 +245,23 @@ def test_true_sequential_groups_follow_the_block(tiny_models):
         ["mlp.gate_proj", "mlp.up_proj"],
         ["mlp.down_proj"],
     ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reused_stable_outputs_give_the_same_bits(arch, tiny_models, monkeypatch):
+    # The true_sequential passes reuse the outputs of children whose linears are all quantized (a Llama block's
+    # self_attn for the down_proj pass and the output pass): the packed tensors are exactly those computed by
+    # running every child in every pass, and the reuse really happens.
+    from hf_compress.integrations import layerwise
+
+    path = tiny_models(arch)
+    reused = []
+    stored = layerwise.StableOutputs._stored
+    monkeypatch.setattr(layerwise.StableOutputs, "_stored", lambda self, outs, *a, **k: reused.append(1) or stored(self, outs))
+    fast = packed(load(path, arch, quantization_config=gptq(bits=4, group_size=32)))
+    assert reused  # every one of these architectures has a child that becomes stable before the last pass
+    monkeypatch.setattr(layerwise.StableOutputs, "stable", lambda self, compressed: [])
+    slow = packed(load(path, arch, quantization_config=gptq(bits=4, group_size=32)))
+    assert fast.keys() == slow.keys() and len(fast) > 0
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name

@@ -295,3 +295,37 @@ def test_shared_hessian_factored_once_and_left_intact(desc_act):
         assert f.loss == r.loss and f.relative_error == r.relative_error
     shared.add_batch(X[:10])  # new data invalidates the factorisation
     assert shared._factors == {}
+
+
+def test_uses_frees_the_hessian_after_the_last_weight():
+    # A GPTQ told it serves 2 weights gives the same codes as an unbounded one, and frees its Hessian and factor
+    # after the second quantize (before the caller builds its layer); a third call says the object was freed.
+    torch.manual_seed(0)
+    n = 64
+    X = torch.randn(512, n)
+    ws = [torch.randn(32, n) for _ in range(2)]
+    bounded, kept = GPTQ(n, uses=2), GPTQ(n)
+    bounded.add_batch(X)
+    kept.add_batch(X)
+    for i, w in enumerate(ws):
+        a, b = bounded.quantize(w, 4, 16), kept.quantize(w, 4, 16)
+        _same(a.weight, b.weight)
+        assert a.relative_error == b.relative_error
+        assert (bounded.H is None) == (i == 1)
+    assert bounded._factors == {} and kept.H is not None
+    with pytest.raises(ValueError, match="was freed"):
+        bounded.quantize(ws[0], 4, 16)
+    with pytest.raises(ValueError, match="uses must be a positive integer"):
+        GPTQ(n, uses=0)
+
+
+def test_relative_output_error_in_row_chunks_equals_the_formula():
+    # 600 rows span three chunks of relative_output_error; the value is tr(D H D^T) / tr(W H W^T) in float64.
+    from hf_compress.methods.gptq import ROW_CHUNK, relative_output_error
+
+    W = torch.randn(600, 48, generator=_gen(3))
+    assert W.shape[0] > 2 * ROW_CHUNK
+    approx = W + 0.01 * torch.randn(600, 48, generator=_gen(4))
+    H = 2 / 256 * (lambda x: x.t() @ x)(_correlated(256, 48, seed=6))
+    expected = _tr(W - approx, H) / _tr(W, H)
+    assert relative_output_error(W, approx, H) == pytest.approx(expected, rel=1e-5)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import gc
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -91,14 +91,23 @@ def _stop_at(block: nn.Module, store: list):
         handle.remove()
 
 
-def _to(obj, device):
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor in it (through tuples, lists and dicts)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _to(obj, device):
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _clone(obj):
+    return _map_tensors(obj, torch.clone)
 
 
 TOKENS_PER_BATCH = 2048  # calibration windows run through a block together, up to this many tokens
@@ -149,14 +158,21 @@ def materialize(block: nn.Module, device) -> None:
 RELEASE_MIN_BYTES = 64 << 20  # below this a block's float copy is not worth a full gc.collect (~0.2 s each)
 
 
-def release_memory() -> None:
-    """Free the block just compressed before the next one loads: its float layers sit in reference cycles
-    (gc), and glibc keeps freed pages of its worker-thread arenas unless asked to return them (malloc_trim)."""
-    gc.collect()
+def trim_heap() -> None:
+    """Return the heap's free pages to the system. glibc serves allocations below its mmap threshold (which grows
+    to 32 MB as large blocks are freed) from arenas it never shrinks on its own: without this, the temporaries of
+    one group's compression stay resident through the next (~30 ms)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def release_memory() -> None:
+    """Free the block just compressed before the next one loads: its float layers sit in reference cycles
+    (gc), and glibc keeps the freed pages unless asked to return them (:func:`trim_heap`)."""
+    gc.collect()
+    trim_heap()
 
 
 def _observe(module, args, observer, stop: bool):
@@ -169,12 +185,15 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def linear_groups(block: nn.Module, names: list[str], sample) -> list[list[str]]:
-    """``names`` grouped by shared input, in the order they run (q/k/v, o, gate/up, down for a Llama block)."""
+def linear_groups(block: nn.Module, names: list[str], sample, child_calls: list[str] | None = None) -> list[list[str]]:
+    """``names`` grouped by shared input, in the order they run (q/k/v, o, gate/up, down for a Llama block).
+    ``child_calls``, if given, receives the names of the block's direct children in the order they were called."""
     # The input tensors themselves are kept (not their addresses, which a freed tensor's successor may reuse).
     calls: list[tuple[str, torch.Tensor]] = []
     modules = {n: block.get_submodule(n) for n in names}
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, args[0]))) for n, m in modules.items()]
+    if child_calls is not None:
+        handles += [c.register_forward_pre_hook(lambda mod, args, n=n: child_calls.append(n)) for n, c in block.named_children()]
     try:
         with torch.no_grad():
             block(sample[0], **sample[1])
@@ -198,7 +217,65 @@ def linear_groups(block: nn.Module, names: list[str], sample) -> list[list[str]]
     return groups
 
 
-def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], object]]) -> None:
+class StableOutputs:
+    """Outputs of a block's direct children that can no longer change, kept for the block's later passes.
+
+    With ``true_sequential`` every group of linears costs another pass over the block's inputs, each recomputing
+    everything before the group. A child whose linears are all compressed, and which runs only after children
+    like it, gets the same input and gives the same output in every later pass: a Llama block's ``self_attn``
+    once q/k/v and o are done, so the passes for gate/up's successors and the output pass skip attention. Its
+    outputs (one hidden-states tensor per batch here) are recorded in the first pass where it is stable and
+    returned in the later ones instead of running it. Only for methods whose ``compress`` changes nothing but the
+    linear it is given; off when a child runs more than once per forward (the per-batch order would not hold)."""
+
+    def __init__(self, block: nn.Module, child_calls: list[str], linears: list[str]):
+        self.block, self.batch = block, 0
+        self.enabled = len(child_calls) == len(set(child_calls))
+        self.order = child_calls
+        self.linears = {c: [n for n in linears if n.startswith(f"{c}.")] for c in child_calls}
+        self.outputs: dict[str, list] = {}
+
+    def stable(self, compressed: set[str]) -> list[str]:
+        """The children, holding linears, that run before any linear not yet in ``compressed``."""
+        out = []
+        for c in self.order if self.enabled else []:
+            if not all(n in compressed for n in self.linears[c]):
+                break
+            if self.linears[c]:
+                out.append(c)
+        return out
+
+    @contextmanager
+    def reuse(self, compressed: set[str], record: bool):
+        """Inside: stable children with stored outputs return them (for batch ``self.batch``); with ``record``,
+        the other stable children store theirs."""
+        patched, handles, recording = [], [], {}
+        for c in self.stable(compressed):
+            child = self.block.get_submodule(c)
+            if c in self.outputs:
+                patched.append((child, child.__dict__.get("forward")))
+                child.forward = partial(self._stored, self.outputs[c])
+            elif record:
+                recording[c] = []
+                # copies, kept and handed out: the block may add to its children's outputs in place
+                handles.append(child.register_forward_hook(lambda m, a, out, _outs=recording[c]: _outs.append(_clone(out))))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for child, own in patched:
+                if own is None:
+                    del child.forward
+                else:
+                    child.forward = own
+        self.outputs.update(recording)
+
+    def _stored(self, outs, *args, **kwargs):
+        return _clone(outs[self.batch])
+
+
+def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], object]], stable: StableOutputs | None = None) -> None:
     """Run ``block`` on ``inputs`` feeding each group's observer the input of its first linear."""
     # With one group, stop the block once its input is seen: the rest is not needed.
     stop = len(groups) == 1
@@ -207,7 +284,9 @@ def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], 
     ]
     try:
         with torch.no_grad():
-            for h, kw in inputs:
+            for i, (h, kw) in enumerate(inputs):
+                if stable is not None:
+                    stable.batch = i
                 try:
                     block(h, **kw)
                 except _StopForward:
@@ -227,6 +306,7 @@ def compress_layerwise(
     true_sequential: bool = True,
     device=None,
     desc: str = "compressing",
+    reuse_stable: bool = False,
 ) -> dict[str, nn.Module]:
     """Compress every convertible linear of ``model`` block by block; returns ``{full name: new module}``.
 
@@ -235,6 +315,8 @@ def compress_layerwise(
     ``another_pass()`` returns True is fed them again. Its ``free()``, if any, runs after the group is compressed.
     ``compress(name, linear, observer)`` returns the compressed module and may change ``linear.weight`` in place
     (e.g. to its dequantized value) so the next linears and blocks see the compressed block's outputs.
+    ``reuse_stable``: later passes reuse the outputs of children that can no longer change (:class:`StableOutputs`;
+    the same results, fewer computations); only if ``compress`` changes nothing but the linear it is given.
     """
     device = torch.device(device) if device is not None else execution_device(model)
     prefix, blocks = find_blocks(model)
@@ -250,7 +332,12 @@ def compress_layerwise(
             n for n, m in block.named_modules() if linear_shape(m) is not None and should_convert_module(f"{base}.{n}", skip)
         ]
         on_device = [(_to(h, device), _to(kw, device)) for h, kw in samples]
-        groups = linear_groups(block, names, on_device[0])
+        child_calls: list[str] = []
+        groups = linear_groups(block, names, on_device[0], child_calls)
+        # Linears that never change here count as compressed: skipped ones stay float throughout.
+        all_linears = [n for n, m in block.named_modules() if linear_shape(m) is not None]
+        compressed = {n for n in all_linears if n not in names}
+        stable = StableOutputs(block, child_calls, all_linears) if reuse_stable else None
         # One pass per group (true_sequential: later groups see the earlier ones compressed), or one pass for all.
         passes = [[g] for g in groups] if true_sequential else [groups]
         for groups_in_pass in passes:
@@ -258,15 +345,25 @@ def compress_layerwise(
             observers = [make_observer([block.get_submodule(n) for n in g]) for g in groups_in_pass]
             pending = list(zip(groups_in_pass, observers, strict=True))
             while pending:  # an observer may ask for another pass over the same inputs (e.g. SmoothQuant + static)
-                _observe_pass(block, on_device, pending)
+                with stable.reuse(compressed, record=True) if stable is not None else nullcontext():
+                    _observe_pass(block, on_device, pending, stable)
                 pending = [(g, o) for g, o in pending if getattr(o, "another_pass", lambda: False)()]
             for g, observer in zip(groups_in_pass, observers, strict=True):
                 for n in g:
                     done[f"{base}.{n}"] = compress(f"{base}.{n}", block.get_submodule(n), observer)
+                    compressed.add(n)
                 if hasattr(observer, "free"):
                     observer.free()
-        with torch.no_grad():
-            samples = [(_first(block(h, **kw)).to("cpu"), kw_cpu) for (h, kw), (_, kw_cpu) in zip(on_device, samples, strict=True)]
+                if block_bytes >= RELEASE_MIN_BYTES:
+                    trim_heap()
+        with torch.no_grad(), stable.reuse(compressed, record=False) if stable is not None else nullcontext():
+            outputs = []
+            for i, (h, kw) in enumerate(on_device):
+                if stable is not None:
+                    stable.batch = i
+                outputs.append(_first(block(h, **kw)).to("cpu"))
+        samples = [(o, kw_cpu) for o, (_, kw_cpu) in zip(outputs, samples, strict=True)]
+        del stable, outputs
         for n in names:
             if f"{base}.{n}" in done:
                 set_submodule(block, n, done[f"{base}.{n}"])

@@ -157,7 +157,7 @@ class CalibratedPruneHfQuantizer(CalibrateAfterLoading, PruneHfQuantizer):
         done = compress_layerwise(
             model, windows, make_observer=lambda linears: self.make_observer(linear_shape(linears[0])[0]),
             compress=compress, skip=self.modules_to_not_convert, true_sequential=cfg.true_sequential,
-            desc=self.method_name,
+            desc=self.method_name, reuse_stable=True,  # compress changes only the linear it prunes
         )
         model.train(was_training)
         self.keep_uncalibrated_float(model, done, self.method_name)

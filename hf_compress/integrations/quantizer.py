@@ -20,7 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
-from ..methods.gptq import GPTQ
+from ..methods.gptq import GPTQ, ROW_CHUNK
 from ..methods.rtn import rtn_quantize
 from ..nn.quant_linear import QuantLinear
 from ..quant.layout import QuantizedWeight, packed_shapes, shift_zero_codes, unpack_qzeros
@@ -405,7 +405,7 @@ class GPTQHfQuantizer(CalibrateAfterLoading, WeightOnlyHfQuantizer):
         errors: dict[str, float] = {}
 
         def make_observer(linears):
-            return GPTQ(linear_shape(linears[0])[0])
+            return GPTQ(linear_shape(linears[0])[0], uses=len(linears))
 
         def compress(name, linear, gptq):
             weight = float_weight(linear).detach()
@@ -421,9 +421,11 @@ class GPTQHfQuantizer(CalibrateAfterLoading, WeightOnlyHfQuantizer):
                 scale_dtype=self.scale_dtype,
             )
             errors[name] = result.relative_error
-            # The next linears and blocks must see this layer as it will run: quantized.
-            dequantized = result.weight.dequantize().to(weight.dtype)
-            linear.weight.data.copy_(dequantized.t() if type(linear).__name__ == "Conv1D" else dequantized)
+            # The next linears and blocks must see this layer as it will run: quantized (a chunk of rows at a
+            # time: dequantizing a 5632 x 2048 weight at once takes ~4 float copies of it in temporaries).
+            target = linear.weight.data.t() if type(linear).__name__ == "Conv1D" else linear.weight.data
+            for r in range(0, target.shape[0], ROW_CHUNK):
+                target[r : r + ROW_CHUNK].copy_(result.weight.rows(r, r + ROW_CHUNK).dequantize())
             layer = self.layer_for(linear, device=weight.device)
             layer.load_quantized(result.weight, bias=linear.bias)
             return layer
@@ -438,6 +440,7 @@ class GPTQHfQuantizer(CalibrateAfterLoading, WeightOnlyHfQuantizer):
             skip=self.modules_to_not_convert,
             true_sequential=cfg.true_sequential,
             desc=f"GPTQ int{cfg.bits}",
+            reuse_stable=True,  # compress changes only the linear it quantizes
         )
         model.train(was_training)
         self.keep_uncalibrated_float(model, done, "GPTQ")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.affine import QuantSpec, quantize
+from ..quant.affine import QuantSpec, all_finite, quantize
 from ..quant.layout import QuantizedWeight, check_bits, default_g_idx, num_groups
 from .rtn import check_finite, group_qparams
 
@@ -31,20 +31,21 @@ class GPTQResult:
 
 
 def _upper_hinv(H: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """Upper Cholesky factor of ``(H + damp*I)^-1``, or None when a factorisation fails."""
-    # Damped in place and restored (no copy), intermediates dropped as soon as used: for a 5632-wide layer
-    # each n x n matrix is 127 MB.
+    """Upper Cholesky factor of ``(H + damp*I)^-1`` (a column-major matrix), or None when a factorisation fails."""
+    # H is damped in place and restored (no copy). The three LAPACK steps (potrf, potri, potrf) all run in one
+    # column-major buffer, so none makes the internal column-major copy it would make of a row-major operand:
+    # H plus one n x n matrix at the peak instead of H plus two (for a 5632-wide layer, each is 127 MB).
     diag = H.diagonal().clone()
     H.diagonal().add_(damp)
-    L, info = torch.linalg.cholesky_ex(H)
+    U = torch.empty(H.shape, dtype=H.dtype, device=H.device).mT
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(H, out=(U, info))
     H.diagonal().copy_(diag)  # exactly restored: H may be the caller's Hessian
     if info.item() != 0:
         return None
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-    del Hinv
-    if info.item() != 0 or not torch.isfinite(U).all():
+    torch.cholesky_inverse(U, out=U)
+    torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+    if info.item() != 0 or not all_finite(U):
         return None
     return U
 
@@ -68,13 +69,21 @@ def _damped_hinv(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, fl
     return Hinv.to(torch.float32), damp
 
 
-def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, H: torch.Tensor) -> float:
+ROW_CHUNK = 256  # rows per chunk when a whole weight need not be materialised: [rows, in] temporaries, not [out, in]
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor | QuantizedWeight, H: torch.Tensor) -> float:
     """``tr(D H D^T) / tr(W H W^T)`` with ``D = W - approx``: the layer's output error on the calibration inputs
-    (``H = 2/n X^T X``) relative to its output energy."""
+    (``H = 2/n X^T X``) relative to its output energy. ``approx``: a tensor, or a ``QuantizedWeight`` (dequantized
+    a chunk of rows at a time)."""
     Hu = H.to(weight.device, torch.float32)
-    Wf = weight.detach().float()
-    D = Wf - approx.float()
-    num, den = ((D @ Hu) * D).sum().item(), ((Wf @ Hu) * Wf).sum().item()
+    num = den = 0.0
+    for r in range(0, weight.shape[0], ROW_CHUNK):
+        Wf = weight[r : r + ROW_CHUNK].detach().float()
+        rows = approx.rows(r, r + ROW_CHUNK).dequantize() if isinstance(approx, QuantizedWeight) else approx[r : r + ROW_CHUNK]
+        D = Wf - rows.float()
+        num += ((D @ Hu) * D).sum().item()
+        den += ((Wf @ Hu) * Wf).sum().item()
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
@@ -102,13 +111,19 @@ def start_group(Wt: torch.Tensor, i1: int, gs: int, bits: int, sym: bool, scales
 class GPTQ:
     """Accumulates the Hessian of one linear layer's inputs and quantizes its weight with GPTQ."""
 
-    def __init__(self, in_features: int, device=None, hessian_dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, device=None, hessian_dtype: torch.dtype = torch.float32, uses: int | None = None):
+        """``uses``: how many weights will be quantized on this Hessian (3 for q/k/v); after that many
+        :meth:`quantize` calls the Hessian and its factor are freed, before the caller builds its layer (for a
+        5632-wide input they are 127 MB each). ``None``: kept until :meth:`free`."""
         if hessian_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"hessian_dtype must be torch.float32 or torch.float64, got {hessian_dtype}")
+        if uses is not None and not (isinstance(uses, int) and uses > 0):
+            raise ValueError(f"uses must be a positive integer or None, got {uses!r}")
         self.in_features = in_features
         self.nsamples = 0
         self.H: torch.Tensor | None = torch.zeros(in_features, in_features, device=device, dtype=hessian_dtype)
         self._factors: dict = {}
+        self._uses_left = uses
 
     def _hessian(self) -> torch.Tensor:
         if self.H is None:
@@ -201,24 +216,23 @@ class GPTQ:
 
         dev, (out, n) = weight.device, weight.shape
         gs = n if group_size == -1 else group_size
-        W = weight.detach().to(torch.float32).clone()
-        dead, perm, Hinv, damp = self._factor(dev, desc_act, damp_percent)
-        W[:, dead] = 0
+        dead, perm, Hinv, damp = self._factor(dev, desc_act, damp_percent)  # first: the peak is 2 n x n matrices
+        # rows = input columns: each column is then a contiguous row, which makes the per-column rank-1
+        # updates an order of magnitude faster than on strided [out, n] columns (one float32 copy of the weight)
+        Wt = torch.empty(n, out, dtype=torch.float32, device=dev)
+        Wt.copy_(weight.detach().t())
+        Wt[dead] = 0
 
         scales = torch.empty(out, n_groups, dtype=scale_dtype, device=dev)
         zeros = torch.empty(out, n_groups, dtype=torch.int32, device=dev)
         if static_groups:  # params of the natural groups, fixed before any error feedback
-            scales, zeros = group_qparams(W, bits, group_size, sym, scale_dtype)
+            scales, zeros = group_qparams(Wt.t(), bits, group_size, sym, scale_dtype)
         if perm is not None:
-            W = W[:, perm]
+            Wt = Wt[perm]
         # group of each column in processing order, for the static lookups and the returned g_idx
         natural = default_g_idx(n, group_size, device=dev)
         col_group = (natural[perm] if perm is not None else natural).tolist() if static_groups else None
-
-        # rows = input columns: each column is then a contiguous row, which makes the per-column rank-1
-        # updates an order of magnitude faster than on strided [out, n] columns
-        Wt, Qt = W.t().contiguous(), torch.empty(n, out, dtype=torch.int32, device=dev)
-        del W
+        Qt = torch.empty(n, out, dtype=torch.uint8, device=dev)  # codes < 2^8: a quarter of int32's bytes
         # codes_for's rounding (affine.quantize with unsigned codes, zero point -z) with its spec built once:
         # per column, codes_for's spec construction and g_idx gathers would double the loop's cost
         spec = QuantSpec(bits=bits, symmetric=False, signed=False)
@@ -236,7 +250,7 @@ class GPTQ:
                 i2 = min(i2, (i1 // gs + 1) * gs)
                 if i1 % gs == 0:
                     sf, nz = start_group(Wt, i1, gs, bits, sym, scales, zeros)
-            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
+            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2].contiguous()  # rows of the column-major factor
             Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=dev)
             for i in range(i2 - i1):
                 if static_groups:
@@ -257,10 +271,19 @@ class GPTQ:
         else:
             g_idx = torch.empty_like(natural)
             g_idx[perm] = torch.arange(n, dtype=torch.int32, device=dev) // gs
-        Q = Qt.t() if perm is None else Qt[torch.argsort(perm)].t()
-        qw = QuantizedWeight(Q.contiguous(), scales, zeros, g_idx, bits, group_size)
-
-        rel = relative_output_error(weight, qw.dequantize(), H0)
+        del Wt, Hinv
+        if self._uses_left is not None:
+            self._uses_left -= 1
+            if self._uses_left == 0:
+                self._factors = {}  # the last weight on this Hessian: drop the factor before the codes are copied
+        Q = (Qt.t() if perm is None else Qt[torch.argsort(perm)].t()).contiguous()
+        del Qt
+        qw = QuantizedWeight(Q.to(torch.int32), scales, zeros, g_idx, bits, group_size)
+        del Q
+        rel = relative_output_error(weight, qw, H0)
+        if self._uses_left == 0:
+            del H0
+            self.free()
         loss_f = loss.item()
         logger.debug("GPTQ %dx%d %d-bit: loss %.4g, relative error %.4g, damp %.3g", out, n, bits, loss_f, rel, damp)
         return GPTQResult(qw, loss_f, rel, damp)
@@ -294,7 +317,7 @@ class GPTQ:
                 states.append(state)
                 scale_t, offset_t = scale.t().float(), offset.t().float()
                 inv_t = torch.where(scale_t == 0, torch.zeros_like(scale_t), 1 / torch.where(scale_t == 0, torch.ones_like(scale_t), scale_t))
-            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
+            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2].contiguous()  # rows of the column-major factor
             Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=dev)
             for i in range(i2 - i1):
                 c = (i1 + i) % span

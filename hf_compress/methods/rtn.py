@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.affine import QuantSpec, qparams_from_minmax, quantize, reduce_minmax
+from ..quant.affine import QuantSpec, all_finite, qparams_from_minmax, quantize, reduce_minmax
 from ..quant.layout import QuantizedWeight, check_bits, default_g_idx
 
 
@@ -24,7 +24,7 @@ def weight_spec(bits: int, group_size: int, in_features: int, sym: bool) -> Quan
 
 
 def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         bad = (~torch.isfinite(weight)).sum().item()
         raise ValueError(
             f"{name} contains {bad} NaN or inf values: quantizing it would give a silently wrong model. "

@@ -133,7 +133,7 @@ class SparseGPT(GPTQ):
                 i2 = min(i2, (i1 // gs + 1) * gs)  # a block never straddles a group start (see GPTQ.quantize)
                 if i1 % gs == 0:
                     sf, nz = start_group(Wt, i1, gs, bits, sym, scales, zeros)
-            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
+            W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2].contiguous()  # rows of the column-major factor
             prune1 = torch.zeros(i2 - i1, out, dtype=torch.bool, device=dev)
             if pattern is None and sparsity:
                 score = (W1 / diag_t[i1:i2, None]).square()

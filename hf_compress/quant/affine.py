@@ -66,6 +66,18 @@ ZERO_ROUNDINGS = ("round", "trunc")
 _EPS = torch.finfo(torch.float32).eps
 
 
+_FINITE_CHUNK = 1 << 22  # elements per isfinite call: its temporaries (|x| and two masks) ~30 MB, not 2.5x the tensor
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite, checked a chunk at a time (a 5632² Hessian is 127 MB)."""
+    x = x.detach()
+    if x.dim() == 2 and not x.is_contiguous() and x.mT.is_contiguous():
+        x = x.mT  # a column-major matrix (a Cholesky factor): flattening it as it is would copy it
+    flat = x.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(_FINITE_CHUNK))
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .affine import all_finite
+
 __all__ = [
     "INT8_MAX",
     "absmax_rows",
@@ -32,7 +34,7 @@ INT8_MAX = 127
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{what} contains NaN or inf ({bad} values): cannot quantize it; fix the model or its inputs")
 

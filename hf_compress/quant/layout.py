@@ -124,6 +124,11 @@ class QuantizedWeight:
     def pack(self) -> dict[str, torch.Tensor]:
         return pack_layout(self.codes, self.zeros, self.scales, self.g_idx, self.bits)
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows ``start:stop`` (views of the codes and group parameters; ``g_idx`` shared)."""
+        return QuantizedWeight(self.codes[start:stop], self.scales[start:stop], self.zeros[start:stop], self.g_idx,
+                               self.bits, self.group_size)
+
     def dequantize(self) -> torch.Tensor:
         gi = self.g_idx.long()
         w = (self.codes - self.zeros[:, gi]).to(torch.float32) * self.scales[:, gi].to(torch.float32)
