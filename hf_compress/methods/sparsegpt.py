@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.affine import QuantSpec
 from ..quant.layout import QuantizedWeight, check_bits, default_g_idx, num_groups
 from ..quant.sparse import check_pattern, check_sparsity
-from .gptq import GPTQ, relative_output_error, round_column, start_group
+from .gptq import GPTQ, ColumnRounder, relative_output_error, start_group
 from .rtn import check_finite
 
 logger = logging.getLogger(__name__)
@@ -122,8 +121,7 @@ class SparseGPT(GPTQ):
             scales = torch.empty(out, num_groups(n, group_size), dtype=scale_dtype, device=dev)
             zeros = torch.empty(out, scales.shape[1], dtype=torch.int32, device=dev)
             Qt = torch.empty(n, out, dtype=torch.int32, device=dev)
-            spec = QuantSpec(bits=bits, symmetric=False, signed=False)
-            round_dtype = scale_dtype if scale_dtype != torch.float32 else None
+            rounder = ColumnRounder(out, bits, scale_dtype if scale_dtype != torch.float32 else None, dev)
         diag_t = Hinv.diagonal()
         diag = diag_t.tolist()
         i1 = 0
@@ -132,7 +130,7 @@ class SparseGPT(GPTQ):
             if bits is not None:
                 i2 = min(i2, (i1 // gs + 1) * gs)  # a block never straddles a group start (see GPTQ.quantize)
                 if i1 % gs == 0:
-                    sf, nz = start_group(Wt, i1, gs, bits, sym, scales, zeros)
+                    rounder.set_group(*start_group(Wt, i1, gs, bits, sym, scales, zeros))
             W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2].contiguous()  # rows of the column-major factor
             prune1 = torch.zeros(i2 - i1, out, dtype=torch.bool, device=dev)
             if pattern is None and sparsity:
@@ -148,7 +146,7 @@ class SparseGPT(GPTQ):
                 w = W1[i]
                 q = w.masked_fill(prune1[i], 0.0)
                 if bits is not None:
-                    Qt[i1 + i], q = round_column(q, sf, nz, spec, round_dtype)  # 0 rounds to the zero code: stays 0
+                    Qt[i1 + i], q = rounder(q)  # 0 rounds to the zero code: stays 0 (q: the rounder's buffer)
                 err = (w - q) / diag[i1 + i]
                 W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
                 W1[i] = q
