@@ -305,3 +305,14 @@ def test_spec_is_frozen_and_hashable():
     with pytest.raises(AttributeError):
         spec.bits = 8
     assert hash(spec) == hash(QuantSpec(4, granularity="group", group_size=128))
+
+
+def test_all_finite_checks_every_chunk_and_layout():
+    from hf_compress.quant import affine
+
+    x = torch.zeros(3 * affine._FINITE_CHUNK // 1024 + 1, 1024)  # spans four chunks
+    assert affine.all_finite(x) and affine.all_finite(x.mT)  # a column-major view is read without a copy
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[-1, -1] = bad  # in the last chunk only
+        assert not affine.all_finite(y) and not affine.all_finite(y.mT) and not affine.all_finite(y[:, 1::2][:, -1:])  # strided: copied, still checked
