@@ -229,7 +229,7 @@ class StableOutputs:
     linear it is given; off when a child runs more than once per forward (the per-batch order would not hold)."""
 
     def __init__(self, block: nn.Module, child_calls: list[str], linears: list[str]):
-        self.block, self.batch = block, 0
+        self.block = block
         self.enabled = len(child_calls) == len(set(child_calls))
         self.order = child_calls
         self.linears = {c: [n for n in linears if n.startswith(f"{c}.")] for c in child_calls}
@@ -247,14 +247,15 @@ class StableOutputs:
 
     @contextmanager
     def reuse(self, compressed: set[str], record: bool):
-        """Inside: stable children with stored outputs return them (for batch ``self.batch``); with ``record``,
+        """Inside: stable children with stored outputs return them, one per call (a pass runs the batches in order
+        and reaches each stable child once per batch: they run before any linear it observes); with ``record``,
         the other stable children store theirs."""
         patched, handles, recording = [], [], {}
         for c in self.stable(compressed):
             child = self.block.get_submodule(c)
             if c in self.outputs:
                 patched.append((child, child.__dict__.get("forward")))
-                child.forward = partial(self._stored, self.outputs[c])
+                child.forward = partial(self._stored, iter(self.outputs[c]))
             elif record:
                 recording[c] = []
                 # copies, kept and handed out: the block may add to its children's outputs in place
@@ -271,11 +272,12 @@ class StableOutputs:
                     child.forward = own
         self.outputs.update(recording)
 
-    def _stored(self, outs, *args, **kwargs):
-        return _clone(outs[self.batch])
+    @staticmethod
+    def _stored(outs, *args, **kwargs):
+        return _clone(next(outs))
 
 
-def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], object]], stable: StableOutputs | None = None) -> None:
+def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], object]]) -> None:
     """Run ``block`` on ``inputs`` feeding each group's observer the input of its first linear."""
     # With one group, stop the block once its input is seen: the rest is not needed.
     stop = len(groups) == 1
@@ -284,9 +286,7 @@ def _observe_pass(block: nn.Module, inputs: list, groups: list[tuple[list[str], 
     ]
     try:
         with torch.no_grad():
-            for i, (h, kw) in enumerate(inputs):
-                if stable is not None:
-                    stable.batch = i
+            for h, kw in inputs:
                 try:
                     block(h, **kw)
                 except _StopForward:
@@ -346,7 +346,7 @@ def compress_layerwise(
             pending = list(zip(groups_in_pass, observers, strict=True))
             while pending:  # an observer may ask for another pass over the same inputs (e.g. SmoothQuant + static)
                 with stable.reuse(compressed, record=True) if stable is not None else nullcontext():
-                    _observe_pass(block, on_device, pending, stable)
+                    _observe_pass(block, on_device, pending)
                 pending = [(g, o) for g, o in pending if getattr(o, "another_pass", lambda: False)()]
             for g, observer in zip(groups_in_pass, observers, strict=True):
                 for n in g:
@@ -357,13 +357,8 @@ def compress_layerwise(
                 if block_bytes >= RELEASE_MIN_BYTES:
                     trim_heap()
         with torch.no_grad(), stable.reuse(compressed, record=False) if stable is not None else nullcontext():
-            outputs = []
-            for i, (h, kw) in enumerate(on_device):
-                if stable is not None:
-                    stable.batch = i
-                outputs.append(_first(block(h, **kw)).to("cpu"))
-        samples = [(o, kw_cpu) for o, (_, kw_cpu) in zip(outputs, samples, strict=True)]
-        del stable, outputs
+            samples = [(_first(block(h, **kw)).to("cpu"), kw_cpu) for (h, kw), (_, kw_cpu) in zip(on_device, samples, strict=True)]
+        del stable
         for n in names:
             if f"{base}.{n}" in done:
                 set_submodule(block, n, done[f"{base}.{n}"])

@@ -89,14 +89,15 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor | Quantized
 
 class ColumnRounder:
     """The rounding of one weight column in GPTQ's column loop: ``affine.quantize`` with unsigned codes and zero
-    point ``-z``, then the dequantized value rounded to ``round_dtype`` (the stored scale dtype) when given --
+    point ``-z``, then the dequantized value rounded to the stored scale dtype (unless float32) --
     exactly what ``QuantizedWeight.dequantize()`` will return. In place in preallocated buffers: the loop runs once
     per input column (13,440 times for pydoc-llama-6m), so per-call set-up would dominate it."""
 
-    def __init__(self, out: int, bits: int, round_dtype, device):
+    def __init__(self, out: int, bits: int, scale_dtype: torch.dtype, device):
         self.q = torch.empty(out, dtype=torch.float32, device=device)
         self.dq = torch.empty(out, dtype=torch.float32, device=device)
-        self.qmax, self.round_dtype = (1 << bits) - 1, round_dtype
+        self.qmax = (1 << bits) - 1
+        self.round_dtype = scale_dtype if scale_dtype != torch.float32 else None
 
     def set_group(self, scale: torch.Tensor, neg_zero: torch.Tensor) -> None:
         """The group's float ``scale`` and ``-zero`` codes, ``[out, 1]`` (as :func:`start_group` returns them)."""
@@ -246,7 +247,7 @@ class GPTQ:
         natural = default_g_idx(n, group_size, device=dev)
         col_group = (natural[perm] if perm is not None else natural).tolist() if static_groups else None
         Qt = torch.empty(n, out, dtype=torch.uint8, device=dev)  # codes < 2^8: a quarter of int32's bytes
-        rounder = ColumnRounder(out, bits, scale_dtype if scale_dtype != torch.float32 else None, dev)
+        rounder = ColumnRounder(out, bits, scale_dtype, dev)
         if static_groups:
             scales_f, neg_zeros = scales.float(), -zeros
         diag = Hinv.diagonal().tolist()

@@ -121,7 +121,7 @@ class SparseGPT(GPTQ):
             scales = torch.empty(out, num_groups(n, group_size), dtype=scale_dtype, device=dev)
             zeros = torch.empty(out, scales.shape[1], dtype=torch.int32, device=dev)
             Qt = torch.empty(n, out, dtype=torch.int32, device=dev)
-            rounder = ColumnRounder(out, bits, scale_dtype if scale_dtype != torch.float32 else None, dev)
+            rounder = ColumnRounder(out, bits, scale_dtype, dev)
         diag_t = Hinv.diagonal()
         diag = diag_t.tolist()
         i1 = 0
