@@ -255,18 +255,40 @@ def rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-memory high-water mark (``VmHWM``) to the current RSS (Linux >= 4.0,
+    ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmHWM") > 0
+    except OSError:
+        return False
+
+
 class PeakMemory:
-    """Peak resident (``peak``) and anonymous (``peak_anon``) memory while the block runs, sampled every 5 ms
-    in a thread; ``base`` is the resident memory at entry."""
+    """Peak resident memory (``peak``) while the block runs; ``base`` is the resident memory at entry.
+
+    Where the kernel's high-water mark can be reset (Linux), ``peak`` is read from it and nothing samples:
+    a sampling thread wakes every 5 ms and takes the GIL from the code being timed (GPTQ's per-column loop
+    is Python), so timings taken with it are slower than the code is. Elsewhere, or with ``anon=True``
+    (also record the peak anonymous memory, ``peak_anon``, which only sampling sees), a thread samples
+    every 5 ms."""
+
+    def __init__(self, anon: bool = False):
+        self.anon = anon
 
     def __enter__(self):
         import threading
 
         self.base = self.peak = rss_bytes()
         self.peak_anon = anon_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._hwm = reset_peak_rss()
+        self._thread = None
+        if self.anon or not self._hwm:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def _run(self):
@@ -278,9 +300,12 @@ class PeakMemory:
         self.peak_anon = max(self.peak_anon, anon_rss_bytes())
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         self.sample()
+        if self._hwm:
+            self.peak = max(self.peak, _status_bytes("VmHWM"))
 
     @property
     def extra_mb(self) -> float:

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     ids = torch.randint(3, 32000, (args.n_samples, args.seqlen), generator=torch.Generator().manual_seed(0))
     config = GPTQConfig(bits=4, group_size=128, dataset=ids, n_samples=args.n_samples, seqlen=args.seqlen)
-    with common.PeakMemory() as mem:
+    with common.PeakMemory(anon=True) as mem:
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(ckpt, device_map={"": "disk"}, offload_folder=str(offload),
                                                      quantization_config=config)

@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float, default=None, help="llm-int8: outlier magnitude (6.0)")
     q.add_argument("--mode", default=None, choices=["dynamic", "static"], help="w8a8: activation scales at run time (dynamic, default) or from calibration (static)")
     q.add_argument("--act-granularity", dest="act_granularity", default=None, choices=["per-token", "per-tensor"], help="w8a8: per-token (dynamic default) or per-tensor")
-    q.add_argument("--observer", default=None, choices=["minmax", "moving-average", "percentile", "mse", "kl"], help="w8a8 static: how activation ranges are chosen (minmax)")
+    q.add_argument("--observer", default=None, choices=["minmax", "moving-average", "percentile", "mse", "kl"], help="rtn, gptq: how group ranges are chosen (minmax|mse; gptq default mse); w8a8 static: how activation ranges are chosen (minmax)")
     q.add_argument("--smooth", type=float, default=None, metavar="ALPHA", help="w8a8: SmoothQuant migration strength in [0, 1] (e.g. 0.5)")
     q.add_argument("--recipe", default=None, help="YAML recipe (configs/*.yaml); flags override it")
     q.add_argument("--eval-text", default=None, help="measure perplexity (or embedding cosine) on this text for the model card")

@@ -57,6 +57,16 @@ def test_recipe_flags_override(tiny_models, tmp_path):
     assert isinstance(model.model.layers[0].mlp.up_proj, hf_compress.QuantLinear)
 
 
+def test_observer_flag_reaches_the_weight_only_configs(tiny_models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli_main(["quantize", str(tiny_models("llama")), "--method", "rtn", "--bits", "3", "--observer", "mse",
+                     "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["observer"] == "mse"
+    bad = tmp_path / "bad"
+    assert cli_main(["quantize", str(tiny_models("llama")), "--method", "rtn", "--observer", "kl", "--output", str(bad)]) == 2
+    assert "observer must be one of ['minmax', 'mse'], got 'kl'" in capsys.readouterr().err and not bad.exists()
+
+
 def test_saving_over_an_existing_folder_is_atomic(tiny_models, tmp_path, monkeypatch):
     from hf_compress.integrations.save import save_compressed
 

@@ -21,6 +21,8 @@ def test_config_validation_messages():
         RTNConfig(bits=4, group_size=0)
     with pytest.raises(ValueError, match="group_size must be -1 .* got -2"):
         RTNConfig(bits=4, group_size=-2)
+    with pytest.raises(ValueError, match=r"observer must be one of \['minmax', 'mse'\], got 'kl'"):
+        RTNConfig(bits=4, observer="kl")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['group'\] for RTNConfig"):
         RTNConfig(bits=4, group=128)
     with pytest.raises(ValueError, match="format_version 99, newer than this install supports"):
@@ -28,7 +30,8 @@ def test_config_validation_messages():
     cfg = RTNConfig(bits=3, group_size=64, sym=False, modules_to_not_convert=["lm_head"])
     assert RTNConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
     assert cfg.to_dict() == {"quant_method": "hf_compress_rtn", "format_version": 2, "bits": 3, "group_size": 64,
-                             "sym": False, "modules_to_not_convert": ["lm_head"], "checkpoint_format": "gptq"}
+                             "sym": False, "modules_to_not_convert": ["lm_head"], "checkpoint_format": "gptq",
+                             "observer": "minmax"}
     # format 1 folders stored exact zero codes: they read as gptq_v2
     assert RTNConfig.from_dict({"quant_method": "hf_compress_rtn", "format_version": 1, "bits": 4}).checkpoint_format == "gptq_v2"
     with pytest.raises(ValueError, match="checkpoint_format must be one of"):

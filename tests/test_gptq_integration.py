@@ -247,6 +247,29 @@ def test_true_sequential_groups_follow_the_block(tiny_models):
     ]
 
 
+def test_stable_outputs_find_the_children_that_return_their_last_linear(tiny_models):
+    # self_attn returns (o_proj's output, None) under SDPA and mlp returns down_proj's: once those are quantized, the
+    # children's outputs come from the captured inputs of o_proj / down_proj instead of another run of the child
+    from hf_compress.integrations.layerwise import StableOutputs, capture_block_inputs, linear_groups
+
+    model = load(tiny_models("llama"), "llama")
+    block = model.model.layers[0]
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    sample = capture_block_inputs(model, block, calib_ids(2, 16), "cpu")[0]
+    calls: list[str] = []
+    groups = linear_groups(block, names, sample, calls)
+    stable = StableOutputs(block, calls, names, sample)
+    assert stable.tails == {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", None)}
+    assert [stable.tail_child([g]) for g in groups] == [None, "self_attn", None, "mlp"]
+    with stable.capture_tail_inputs("self_attn"), torch.no_grad():
+        block(sample[0], **sample[1])
+    stable.derive("self_attn", {n for n in names if n.startswith("self_attn.")})
+    with torch.no_grad():
+        expected = block.self_attn(block.input_layernorm(sample[0]), **sample[1])
+    (y, none), = stable.outputs["self_attn"]
+    assert none is None and torch.equal(y, expected[0])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_reused_stable_outputs_give_the_same_bits(arch, tiny_models, monkeypatch):
     # The true_sequential passes reuse the outputs of children whose linears are all quantized (a Llama block's

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from hf_compress.methods.gptq import GPTQ
-from hf_compress.methods.rtn import rtn_quantize
+from hf_compress.methods.rtn import codes_for, group_qparams, qparams_from_range, rtn_quantize, weight_spec
+from hf_compress.quant.affine import reduce_minmax
+from hf_compress.quant.layout import default_g_idx
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -44,21 +46,48 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,sym,dtype",
+    "bits,group_size,sym,dtype,observer",
     [
-        (4, -1, True, torch.float32),
-        (3, 32, False, torch.float32),
-        (2, 64, True, torch.float16),
-        (8, 48, False, torch.bfloat16),
+        (4, -1, True, torch.float32, "minmax"),
+        (3, 32, False, torch.float32, "minmax"),
+        (2, 64, True, torch.float16, "minmax"),
+        (8, 48, False, torch.bfloat16, "minmax"),
+        (3, 48, False, torch.float32, "mse"),
+        (4, -1, True, torch.float16, "mse"),
     ],
 )
-def test_identity_hessian_equals_rtn(bits, group_size, sym, dtype):
+def test_identity_hessian_equals_rtn(bits, group_size, sym, dtype, observer):
     n = 128
     W = torch.randn(96, n, generator=_gen(0)).to(dtype)
     q = _gptq(3.0 * torch.eye(n))  # H = 2/n * 9 I: no off-diagonal error feedback
-    r = q.quantize(W, bits, group_size, sym=sym)
-    _same(r.weight, rtn_quantize(W, bits, group_size, sym=sym))
+    r = q.quantize(W, bits, group_size, sym=sym, observer=observer)
+    _same(r.weight, rtn_quantize(W, bits, group_size, sym=sym, observer=observer))
     assert r.weight.scales.dtype == dtype
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_observer_takes_the_least_error_clipped_range(sym):
+    # reference: every candidate range [lo, hi] * (1 - k/100), k = 0..20, on every group at once; the first
+    # (widest) of the least-error candidates wins. Groups of 64 over 200 columns: the last one has 8.
+    bits, gs = 3, 64
+    W = torch.randn(48, 200, generator=_gen(3)) * torch.exp(torch.randn(48, 200, generator=_gen(4)))  # heavy tails
+    s, z = group_qparams(W, bits, gs, sym, torch.float32, observer="mse")
+    s0, z0 = group_qparams(W, bits, gs, sym, torch.float32)
+    g_idx = default_g_idx(200, gs)
+
+    def group_err(scales, zeros):
+        dq = (codes_for(W, scales, zeros, g_idx, bits) - zeros[:, g_idx]).float() * scales[:, g_idx]
+        return torch.zeros_like(scales).index_add_(1, g_idx.long(), (dq - W).square())
+
+    lo, hi = reduce_minmax(W, weight_spec(bits, gs, 200, sym))
+    cands = [qparams_from_range(lo * (1 - k / 100), hi * (1 - k / 100), bits, sym, torch.float32) for k in range(21)]
+    errs = torch.stack([group_err(cs, cz) for cs, cz in cands])
+    pick = errs.argmin(dim=0)
+    assert torch.equal(s, torch.stack([c[0] for c in cands]).gather(0, pick[None])[0])
+    assert torch.equal(z, torch.stack([c[1] for c in cands]).gather(0, pick[None])[0])
+    e, e0 = group_err(s, z), group_err(s0, z0)
+    assert torch.allclose(e, errs.min(dim=0).values, rtol=1e-5) and (e <= e0 * (1 + 1e-6)).all()
+    assert e.sum() < 0.9 * e0.sum() and (pick > 0).float().mean() > 0.5  # heavy tails: most groups clip
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

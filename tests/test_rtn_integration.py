@@ -77,6 +77,21 @@ def test_layer_matches_reference_dequantize(bits, group_size, sym, tiny_models):
     torch.testing.assert_close(layer.forward_reference(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_mse_observer_on_load_and_in_the_saved_config(tiny_models, tmp_path):
+    from hf_compress.methods.rtn import rtn_quantize
+
+    path = tiny_models("llama")
+    ref = AutoModelForCausalLM.from_pretrained(path).model.layers[0].mlp.up_proj.weight
+    model = load(path, quantization_config=RTNConfig(bits=3, group_size=32, observer="mse"))
+    layer = model.model.layers[0].mlp.up_proj
+    expected = rtn_quantize(ref.detach(), 3, 32, scale_dtype=layer.scales.dtype, observer="mse").dequantize()
+    assert torch.equal(layer.dequantize_weight(), expected)
+    minmax = rtn_quantize(ref.detach(), 3, 32, scale_dtype=layer.scales.dtype).dequantize()
+    assert not torch.equal(expected, minmax)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["observer"] == "mse"
+
+
 def _mapped_tensors(model) -> list[str]:
     """Names of CPU tensors whose storage is the checkpoint's memory map (safetensors' zero-copy load)."""
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))

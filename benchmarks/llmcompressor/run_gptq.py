@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric (zero point)")
+    p.add_argument("--observer", default="minmax", choices=["minmax", "mse"],
+                   help="weight range observer: minmax (default) or mse (llm-compressor's grid search: shrink "
+                        "1 to 0.8 in steps of 0.01, norm 2.4, patience 5)")
+    p.add_argument("--wide-eval-tokens", default=None, help="optional second, longer evaluation stream (JSON)")
     p.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of the mean Hessian diagonal")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block size (128)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration batch size for oneshot (1)")
@@ -194,6 +198,7 @@ def build_recipe(args: argparse.Namespace):
         symmetric=args.sym,
         strategy="channel" if per_channel else "group",
         group_size=None if per_channel else args.group_size,
+        observer=args.observer,
     )
     # Act-order mapping (GPTQ/AutoGPTQ "desc_act" -> llm-compressor "actorder"):
     #   desc_act=False                     -> actorder=None: columns in natural order.
@@ -302,6 +307,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ppl_quant, _ = perplexity(model, eval_ids, args.seqlen_eval, args.eval_batch_size)
     print(f"quantized perplexity {ppl_quant:.4f} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    ppl_wide = None
+    if args.wide_eval_tokens:
+        ppl_wide, _ = perplexity(model, load_eval(args.wide_eval_tokens), args.seqlen_eval, args.eval_batch_size)
 
     result = {
         "llmcompressor_version": run.versions["llmcompressor"],
@@ -327,6 +335,8 @@ def main(argv=None) -> int:
         "ppl_fp32": ppl_fp32,
         "ppl_quant": ppl_quant,
         "ppl_ratio": ppl_quant / ppl_fp32,
+        "observer": args.observer,
+        "ppl_quant_wide": ppl_wide,
         **quant_state,
         # 1-minute load average just before/after oneshot: on a shared machine a value above the thread
         # count means quant_seconds was inflated by other processes.

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..methods.rtn import check_observer
 from ..quant.layout import LAYOUT_BITS
 from ..quant.observers import OBSERVERS
 
@@ -126,7 +127,8 @@ class WeightOnlyConfig(HfCompressConfig):
     ecosystem reads: zero code - 1) or ``"gptq_v2"`` (the zero code itself). In memory they are always exact.
     """
 
-    fields = {"bits": 4, "group_size": -1, "sym": True, "modules_to_not_convert": None, "checkpoint_format": "gptq"}
+    fields = {"bits": 4, "group_size": -1, "sym": True, "modules_to_not_convert": None, "checkpoint_format": "gptq",
+              "observer": "minmax"}
 
     def __init__(self, **kwargs):
         if "checkpoint_format" not in kwargs and kwargs.get("format_version", FORMAT_VERSION) < 2:
@@ -139,6 +141,7 @@ class WeightOnlyConfig(HfCompressConfig):
         check_module_list(self.modules_to_not_convert, "modules_to_not_convert")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, got {self.checkpoint_format!r}")
+        check_observer(self.observer)
 
 
 class RTNConfig(WeightOnlyConfig):
@@ -151,6 +154,8 @@ class RTNConfig(WeightOnlyConfig):
         sym: symmetric (absmax, zero code at the midpoint) or asymmetric (min/max with a zero point).
         modules_to_not_convert: module names (or name suffixes) kept in float, in addition to the output
             embeddings and tied weights that are always kept.
+        observer: each group's range: ``"minmax"`` (default, plain RTN) or ``"mse"``: the min/max range shrunk by
+            the factor in 1, 0.99, ..., 0.80 with the least squared rounding error of the group.
     """
 
     quant_method = "hf_compress_rtn"
@@ -161,6 +166,8 @@ class GPTQConfig(WeightOnlyConfig):
 
     Args (written to ``config.json``):
         bits, group_size, sym, modules_to_not_convert, checkpoint_format: as :class:`RTNConfig`.
+        observer: as :class:`RTNConfig`, applied to each group as GPTQ reaches it (its columns already carry the
+            earlier columns' error); default ``"mse"`` (``"minmax"`` is the reference GPTQ's).
         desc_act: act-order, quantize columns in order of decreasing Hessian diagonal (``g_idx`` then maps
             columns to groups out of order).
         static_groups: with ``desc_act``, take every group's scale/zero from the weights before any update,
@@ -180,6 +187,7 @@ class GPTQConfig(WeightOnlyConfig):
     quant_method = "hf_compress_gptq"
     fields = {
         **WeightOnlyConfig.fields,
+        "observer": "mse",
         "desc_act": False,
         "static_groups": False,
         "damp_percent": 0.01,
@@ -493,7 +501,9 @@ class SparseGPTConfig(WandaConfig):
 
     Args: sparsity, pattern, modules_to_not_convert, true_sequential, schedule, owl_lambda, owl_m, n_samples, seqlen,
         seed as :class:`WandaConfig`;
-        bits: None (prune only) or 2, 3, 4, 8 (prune + quantize); group_size, sym: as :class:`RTNConfig` (with bits);
+        bits: None (prune only) or 2, 3, 4, 8 (prune + quantize); group_size, sym, observer: as :class:`RTNConfig`
+            (with bits; ``"minmax"`` by default: ``"mse"`` would fit each group's range to weights the mask then
+            zeroes, and on pydoc-llama-6m 50% + int4 g128 it scores 40.31 against min/max's 40.21);
         damp_percent, block_size: as :class:`GPTQConfig` (block_size must be a multiple of M for N:M).
         refit_steps: conjugate-gradient steps that refit the kept weights to the layer's calibration outputs
             after the OBS pass, the mask fixed (default 5, where the gain levels off; 0 is the paper's algorithm;
@@ -503,13 +513,14 @@ class SparseGPTConfig(WandaConfig):
 
     quant_method = "hf_compress_sparsegpt"
     fields = {**WandaConfig.fields, "bits": None, "group_size": -1, "sym": True, "damp_percent": 0.01, "block_size": 128,
-              "refit_steps": 5}
+              "refit_steps": 5, "observer": "minmax"}
 
     def post_init(self) -> None:
         super().post_init()
         if self.bits is not None:
             check_bits_and_group(self.bits, self.group_size)
             check_type(self.sym, (bool,), "sym", "True or False")
+        check_observer(self.observer)
         check_hessian_fields(self)
         check_type(self.refit_steps, (int,), "refit_steps", "a non-negative integer")
         if self.refit_steps < 0:

@@ -155,7 +155,8 @@ def materialize(block: nn.Module, device) -> None:
     block.to(device)
 
 
-RELEASE_MIN_BYTES = 64 << 20  # below this a block's float copy is not worth a full gc.collect (~0.2 s each)
+RELEASE_MIN_BYTES = 64 << 20
+STORED_INPUTS_MAX_BYTES = 1 << 30  # StableOutputs keeps a tail linear's inputs (for every batch) up to this size  # below this a block's float copy is not worth a full gc.collect (~0.2 s each)
 
 
 def trim_heap() -> None:
@@ -225,15 +226,95 @@ class StableOutputs:
     like it, gets the same input and gives the same output in every later pass: a Llama block's ``self_attn``
     once q/k/v and o are done, so the passes for gate/up's successors and the output pass skip attention. Its
     outputs (one hidden-states tensor per batch here) are recorded in the first pass where it is stable and
-    returned in the later ones instead of running it. Only for methods whose ``compress`` changes nothing but the
-    linear it is given; off when a child runs more than once per forward (the per-batch order would not hold)."""
+    returned in the later ones instead of running it. A child that returns its last linear's output (``self_attn``
+    ends in o_proj, ``mlp`` in down_proj: its *tail*) needs no run at all once that linear is compressed: the pass
+    that observes the tail keeps its inputs, and the child's outputs are the compressed tail run on them
+    (:meth:`derive`). Only for methods whose ``compress`` changes nothing but the linear it is given; off when a
+    child runs more than once per forward (the per-batch order would not hold)."""
 
-    def __init__(self, block: nn.Module, child_calls: list[str], linears: list[str]):
+    def __init__(self, block: nn.Module, child_calls: list[str], linears: list[str], sample=None):
         self.block = block
         self.enabled = len(child_calls) == len(set(child_calls))
         self.order = child_calls
         self.linears = {c: [n for n in linears if n.startswith(f"{c}.")] for c in child_calls}
         self.outputs: dict[str, list] = {}
+        self.tails = self._find_tails(sample, linears) if self.enabled and sample is not None else {}
+        self._inputs: dict[str, list | None] = {}
+
+    def _find_tails(self, sample, linears: list[str]) -> dict[str, tuple[str, int | None]]:
+        """``{child: (its tail linear, None or the length of its output tuple)}`` for the children that return the
+        output of the last linear they run, as it is (``mlp`` returns ``down_proj``'s) or first in a tuple whose other
+        entries are None (``self_attn`` returns ``(o_proj's, None)`` under SDPA): one probe forward on ``sample``."""
+        # Only the last linear's output is held (not every output of the probe: for a 2048-token batch through a
+        # 1B-shaped block they add up to ~200 MB); a child's hook compares its output with it as the child returns.
+        last: list = [None, None]
+        tails: dict[str, tuple[str, int | None]] = {}
+
+        def on_linear(module, args, out, n):
+            last[0], last[1] = n, out
+
+        def on_child(module, args, out, c):
+            n, y = last
+            if n is None or not n.startswith(f"{c}."):
+                return
+            if out is y:
+                tails[c] = (n, None)
+            elif isinstance(out, tuple) and out and out[0] is y and all(o is None for o in out[1:]):
+                tails[c] = (n, len(out))
+
+        handles = [self.block.get_submodule(n).register_forward_hook(partial(on_linear, n=n)) for n in linears]
+        handles += [self.block.get_submodule(c).register_forward_hook(partial(on_child, c=c)) for c in self.order]
+        try:
+            with torch.no_grad():
+                self.block(sample[0], **sample[1])
+        finally:
+            for h in handles:
+                h.remove()
+            last.clear()
+        return tails
+
+    def tail_child(self, groups_in_pass: list[list[str]]) -> str | None:
+        """The child whose output is that of the pass's only linear (its tail), or None."""
+        if len(groups_in_pass) != 1 or len(groups_in_pass[0]) != 1:
+            return None
+        return next((c for c, (n, _) in self.tails.items() if n == groups_in_pass[0][0]), None)
+
+    @contextmanager
+    def capture_tail_inputs(self, child: str):
+        """Inside: the tail linear's input in every batch is kept (copied; up to ``STORED_INPUTS_MAX_BYTES`` in all),
+        for :meth:`derive`. Register before the observers' hooks, which may stop the forward at the linear."""
+        xs, size = [], [0]
+        self._inputs[child] = xs
+
+        def keep(module, args):
+            if self._inputs.get(child) is not xs:
+                return
+            size[0] += args[0].numel() * args[0].element_size()
+            if size[0] > STORED_INPUTS_MAX_BYTES:
+                self._inputs[child] = None  # too large to keep: the child runs in the later passes
+                xs.clear()
+            else:
+                xs.append(args[0].detach().clone())
+
+        handle = self.block.get_submodule(self.tails[child][0]).register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def derive(self, child: str, compressed: set[str]) -> None:
+        """Once the child's tail linear is compressed (its weight holds the compressed values) and the child is
+        stable: its outputs are the tail linear run on the captured inputs, stored as if recorded. This saves the
+        later passes running the whole child once more (attention for the gate/up pass, gate/up for the output
+        pass) and gives the same bits."""
+        xs = self._inputs.pop(child, None)
+        if not xs or child in self.outputs or child not in self.stable(compressed):
+            return
+        linear, n_out = self.block.get_submodule(self.tails[child][0]), self.tails[child][1]
+        with torch.no_grad():
+            ys = [linear(x) for x in xs]
+        xs.clear()
+        self.outputs[child] = ys if n_out is None else [(y,) + (None,) * (n_out - 1) for y in ys]
 
     def stable(self, compressed: set[str]) -> list[str]:
         """The children, holding linears, that run before any linear not yet in ``compressed``."""
@@ -337,15 +418,17 @@ def compress_layerwise(
         # Linears that never change here count as compressed: skipped ones stay float throughout.
         all_linears = [n for n, m in block.named_modules() if linear_shape(m) is not None]
         compressed = {n for n in all_linears if n not in names}
-        stable = StableOutputs(block, child_calls, all_linears) if reuse_stable else None
+        stable = StableOutputs(block, child_calls, all_linears, on_device[0]) if reuse_stable else None
         # One pass per group (true_sequential: later groups see the earlier ones compressed), or one pass for all.
         passes = [[g] for g in groups] if true_sequential else [groups]
         for groups_in_pass in passes:
             # Linears sharing an input share one observer (one Hessian for q/k/v), fed by the first of them.
             observers = [make_observer([block.get_submodule(n) for n in g]) for g in groups_in_pass]
             pending = list(zip(groups_in_pass, observers, strict=True))
+            tail_of = stable.tail_child(groups_in_pass) if stable is not None else None
             while pending:  # an observer may ask for another pass over the same inputs (e.g. SmoothQuant + static)
-                with stable.reuse(compressed, record=True) if stable is not None else nullcontext():
+                with stable.reuse(compressed, record=True) if stable is not None else nullcontext(), \
+                        stable.capture_tail_inputs(tail_of) if tail_of is not None else nullcontext():
                     _observe_pass(block, on_device, pending)
                 pending = [(g, o) for g, o in pending if getattr(o, "another_pass", lambda: False)()]
             for g, observer in zip(groups_in_pass, observers, strict=True):
@@ -356,6 +439,8 @@ def compress_layerwise(
                     observer.free()
                 if block_bytes >= RELEASE_MIN_BYTES:
                     trim_heap()
+            if tail_of is not None:
+                stable.derive(tail_of, compressed)
         with torch.no_grad(), stable.reuse(compressed, record=False) if stable is not None else nullcontext():
             samples = [(_first(block(h, **kw)).to("cpu"), kw_cpu) for (h, kw), (_, kw_cpu) in zip(on_device, samples, strict=True)]
         del stable

@@ -215,5 +215,6 @@ class SparseGPTHfQuantizer(CalibratedPruneHfQuantizer):
             weight, sparsity, cfg.nm, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
             damp_percent=cfg.damp_percent, block_size=cfg.block_size,
             scale_dtype=self.scale_dtype if cfg.bits is not None else None, refit_steps=cfg.refit_steps,
+            observer=cfg.observer,
         )
         return r.weight, r.mask, r.quantized

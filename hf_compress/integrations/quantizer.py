@@ -359,7 +359,7 @@ class RTNHfQuantizer(WeightOnlyHfQuantizer):
 
     def quantize_weight(self, name, weight, module):
         cfg = self.quantization_config
-        return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, scale_dtype=module.scales.dtype)
+        return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, scale_dtype=module.scales.dtype, observer=cfg.observer)
 
 
 
@@ -419,6 +419,7 @@ class GPTQHfQuantizer(CalibrateAfterLoading, WeightOnlyHfQuantizer):
                 damp_percent=cfg.damp_percent,
                 block_size=cfg.block_size,
                 scale_dtype=self.scale_dtype,
+                observer=cfg.observer,
             )
             errors[name] = result.relative_error
             # The next linears and blocks must see this layer as it will run: quantized (a chunk of rows at a

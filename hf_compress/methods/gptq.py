@@ -15,7 +15,7 @@ import torch
 
 from ..quant.affine import all_finite
 from ..quant.layout import QuantizedWeight, check_bits, default_g_idx, num_groups
-from .rtn import check_finite, group_qparams
+from .rtn import check_finite, check_observer, group_qparams
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,15 @@ class ColumnRounder:
         return q, dq
 
 
-def start_group(Wt: torch.Tensor, i1: int, gs: int, bits: int, sym: bool, scales: torch.Tensor, zeros: torch.Tensor):
-    """At a group start: the group's scale and zero code from the columns ``Wt[i1 : i1 + gs]`` as they are now
-    (every earlier column's error already fed back), stored into ``scales``/``zeros [out, n_groups]``; returns
+def start_group(
+    Wt: torch.Tensor, i1: int, gs: int, bits: int, sym: bool, scales: torch.Tensor, zeros: torch.Tensor, observer: str
+):
+    """At a group start: the group's scale and zero code (chosen by ``observer``, see :func:`~.rtn.group_qparams`)
+    from the columns ``Wt[i1 : i1 + gs]`` as they are now (every earlier column's error already fed back), stored
+    into ``scales``/``zeros [out, n_groups]``; returns
     ``(scale, -zero)`` ``[out, 1]`` for :meth:`ColumnRounder.set_group`."""
     g = i1 // gs
-    s, z = group_qparams(Wt[i1 : i1 + gs].t(), bits, -1, sym, scales.dtype)
+    s, z = group_qparams(Wt[i1 : i1 + gs].t(), bits, -1, sym, scales.dtype, observer)
     scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
     return s.float(), -z
 
@@ -207,9 +210,13 @@ class GPTQ:
         damp_percent: float = 0.01,
         block_size: int = 128,
         scale_dtype: torch.dtype | None = None,
+        observer: str = "minmax",
     ) -> GPTQResult:
-        """Quantize ``weight [out, in]``; the result is in the original column order (act-order via g_idx)."""
+        """Quantize ``weight [out, in]``; the result is in the original column order (act-order via g_idx).
+        ``observer``: how each group's range is chosen (``"minmax"``, as the reference GPTQ, or ``"mse"``: see
+        :func:`~.rtn.group_qparams`)."""
         check_bits(bits)
+        check_observer(observer)
         if weight.dim() != 2:
             raise ValueError(f"GPTQ expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
         if weight.shape[1] != self.in_features:
@@ -240,7 +247,7 @@ class GPTQ:
         scales = torch.empty(out, n_groups, dtype=scale_dtype, device=dev)
         zeros = torch.empty(out, n_groups, dtype=torch.int32, device=dev)
         if static_groups:  # params of the natural groups, fixed before any error feedback
-            scales, zeros = group_qparams(Wt.t(), bits, group_size, sym, scale_dtype)
+            scales, zeros = group_qparams(Wt.t(), bits, group_size, sym, scale_dtype, observer)
         if perm is not None:
             Wt = Wt[perm]
         # group of each column in processing order, for the static lookups and the returned g_idx
@@ -260,7 +267,7 @@ class GPTQ:
                 # column's error (gptq.py reads W there without the pending updates of its own block)
                 i2 = min(i2, (i1 // gs + 1) * gs)
                 if i1 % gs == 0:
-                    rounder.set_group(*start_group(Wt, i1, gs, bits, sym, scales, zeros))
+                    rounder.set_group(*start_group(Wt, i1, gs, bits, sym, scales, zeros, observer))
             W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2].contiguous()  # rows of the column-major factor
             Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=dev)
             for i in range(i2 - i1):

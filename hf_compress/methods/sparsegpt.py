@@ -25,7 +25,7 @@ import torch
 from ..quant.layout import QuantizedWeight, check_bits, default_g_idx, num_groups
 from ..quant.sparse import check_pattern, check_sparsity
 from .gptq import GPTQ, ColumnRounder, relative_output_error, start_group
-from .rtn import check_finite
+from .rtn import check_finite, check_observer
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,11 @@ class SparseGPT(GPTQ):
         block_size: int = 128,
         scale_dtype: torch.dtype | None = None,
         refit_steps: int = 0,
+        observer: str = "minmax",
     ) -> SparseGPTResult:
         """Prune ``weight [out, in]`` to ``sparsity`` (fraction removed, chosen per block) or to ``pattern`` (N, M);
-        then, without ``bits``, refit the kept weights for ``refit_steps`` (see :func:`refit_kept`)."""
+        then, without ``bits``, refit the kept weights for ``refit_steps`` (see :func:`refit_kept`). With ``bits``,
+        ``observer`` chooses each group's range as in :meth:`GPTQ.quantize`."""
         if weight.dim() != 2 or weight.shape[1] != self.in_features:
             raise ValueError(f"SparseGPT expects a weight [out, {self.in_features}], got shape {tuple(weight.shape)}")
         H0 = self._hessian()
@@ -102,6 +104,7 @@ class SparseGPT(GPTQ):
             check_sparsity(0.0 if sparsity is None else sparsity)
         if bits is not None:
             check_bits(bits)
+            check_observer(observer)
             num_groups(n, group_size)
         if not (isinstance(block_size, int) and block_size > 0):
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -130,7 +133,7 @@ class SparseGPT(GPTQ):
             if bits is not None:
                 i2 = min(i2, (i1 // gs + 1) * gs)  # a block never straddles a group start (see GPTQ.quantize)
                 if i1 % gs == 0:
-                    rounder.set_group(*start_group(Wt, i1, gs, bits, sym, scales, zeros))
+                    rounder.set_group(*start_group(Wt, i1, gs, bits, sym, scales, zeros, observer))
             W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2].contiguous()  # rows of the column-major factor
             prune1 = torch.zeros(i2 - i1, out, dtype=torch.bool, device=dev)
             if pattern is None and sparsity:
