@@ -155,8 +155,8 @@ def materialize(block: nn.Module, device) -> None:
     block.to(device)
 
 
-RELEASE_MIN_BYTES = 64 << 20
-STORED_INPUTS_MAX_BYTES = 1 << 30  # StableOutputs keeps a tail linear's inputs (for every batch) up to this size  # below this a block's float copy is not worth a full gc.collect (~0.2 s each)
+RELEASE_MIN_BYTES = 64 << 20  # below this a block's float copy is not worth a full gc.collect (~0.2 s each)
+STORED_INPUTS_MAX_BYTES = 1 << 30  # StableOutputs keeps a tail linear's inputs (for every batch) up to this size
 
 
 def trim_heap() -> None:

@@ -117,8 +117,8 @@ def start_group(
 ):
     """At a group start: the group's scale and zero code (chosen by ``observer``, see :func:`~.rtn.group_qparams`)
     from the columns ``Wt[i1 : i1 + gs]`` as they are now (every earlier column's error already fed back), stored
-    into ``scales``/``zeros [out, n_groups]``; returns
-    ``(scale, -zero)`` ``[out, 1]`` for :meth:`ColumnRounder.set_group`."""
+    into ``scales``/``zeros [out, n_groups]``; returns ``(scale, -zero)`` ``[out, 1]`` for
+    :meth:`ColumnRounder.set_group`."""
     g = i1 // gs
     s, z = group_qparams(Wt[i1 : i1 + gs].t(), bits, -1, sym, scales.dtype, observer)
     scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
