@@ -313,7 +313,6 @@ class StableOutputs:
         linear, n_out = self.block.get_submodule(self.tails[child][0]), self.tails[child][1]
         with torch.no_grad():
             ys = [linear(x) for x in xs]
-        xs.clear()
         self.outputs[child] = ys if n_out is None else [(y,) + (None,) * (n_out - 1) for y in ys]
 
     def stable(self, compressed: set[str]) -> list[str]:
