@@ -640,6 +640,29 @@ def test_gptq_export_needs_calibration_data_and_writes_a_standard_file(pydoc, tm
 
 
 @needs_pydoc
+def test_gptq_export_holds_one_hessian_at_a_time_and_leaves_the_model_as_it_was(pydoc, tmp_path, monkeypatch):
+    from hf_compress.methods import gptq as G
+
+    model, tok = pydoc
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    made, live = [], []
+    init = G.GPTQ.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+        live.append(sum(g.H is not None for g in made))
+
+    monkeypatch.setattr(G.GPTQ, "__init__", tracked)
+    export_gguf(model, tok, tmp_path / "g.gguf", "Q4_K_M", imatrix=str(CALIB), gptq=True, n_samples=4, seqlen=128)
+    # per block one Hessian for q/k/v, o, gate/up and down (true_sequential), then the untied output head's
+    assert len(made) == 4 * model.config.num_hidden_layers + (0 if model.config.tie_word_embeddings else 1)
+    assert max(live) == 1  # each freed before the next is made (was one per linear, all at once)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+@needs_pydoc
 def test_cli_export_gguf(tmp_path):
     from hf_compress.cli import main
 

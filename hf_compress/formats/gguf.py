@@ -205,20 +205,23 @@ def _linear_modules(model):
 
 
 @torch.no_grad()
-def _calibrate(model, tokenizer, data, n_samples: int, seqlen: int, seed: int, hessians: bool):
-    """One pass of calibration windows through ``model`` with a hook on every linear: per linear the sum of x² per
-    input column and the token count, or a ``GPTQ`` object holding the Hessian of its inputs."""
-    from ..integrations.calibration import calibration_windows
+def _calibrate(model, windows: torch.Tensor, hessians: bool, names: set[str] | None = None):
+    """One pass of the calibration ``windows`` through ``model`` with a hook on every linear (or on those in
+    ``names``): per linear the sum of x² per input column and the token count, or a ``GPTQ`` object holding the
+    Hessian of its inputs."""
     from ..methods.gptq import GPTQ
 
-    windows = calibration_windows(data, tokenizer, n_samples, seqlen, seed=seed, config=model.config)
     stats: dict = {}
     hooks = []
     for name, module in _linear_modules(model):
+        if names is not None and name not in names:
+            continue
         def hook(mod, args, name=name):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             if hessians:
-                stats.setdefault(name, GPTQ(x.shape[-1], device=x.device)).add_batch(x)
+                if name not in stats:  # (not setdefault: that would build a Hessian on every call)
+                    stats[name] = GPTQ(x.shape[-1], device=x.device)
+                stats[name].add_batch(x)
             else:
                 s, n = stats.get(name, (0, 0))
                 stats[name] = (s + (x * x).sum(0), n + x.shape[0])
@@ -233,10 +236,16 @@ def _calibrate(model, tokenizer, data, n_samples: int, seqlen: int, seed: int, h
     return stats
 
 
+def _windows(model, tokenizer, data, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    from ..integrations.calibration import calibration_windows
+
+    return calibration_windows(data, tokenizer, n_samples, seqlen, seed=seed, config=model.config)
+
+
 def compute_imatrix(model, tokenizer, data, n_samples: int = 64, seqlen: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
     """llama.cpp's importance matrix: for every linear, the mean over calibration tokens of x² per input column
     (``{module name: float32 [in]}``). ``data``: a text file, a list of strings, a Dataset or token windows."""
-    stats = _calibrate(model, tokenizer, data, n_samples, seqlen, seed, hessians=False)
+    stats = _calibrate(model, _windows(model, tokenizer, data, n_samples, seqlen, seed), hessians=False)
     return {k: (s / n).cpu() for k, (s, n) in stats.items()}
 
 
@@ -257,6 +266,64 @@ def _gptq_blocks(gptq, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None
     codes, states, rel = gptq.quantize_on_grid(w, span, make_grid)
     parts = [blocks.with_codes(st, qtype, codes[:, k * span : (k + 1) * span]) for k, st in enumerate(states)]
     return torch.cat(parts, 1), rel
+
+
+def _gptq_in_blocks(model, windows: torch.Tensor, targets: dict, refine: bool) -> dict[str, torch.Tensor]:
+    """GPTQ onto the GGUF grids for the float linears inside the model's blocks, one block at a time, each block's
+    linears on the inputs that the already-quantized blocks and linears before them give (the layer-wise driver,
+    ``true_sequential``: one Hessian per group of linears sharing an input, held only while that group is quantized).
+    ``targets``: ``{module name: (gguf name of its weight, qtype, permute heads or None)}``. Returns
+    ``{gguf name: blocks}``.
+
+    The driver needs each linear to run quantized for the ones after it, so its weight holds the dequantized blocks
+    while its block is calibrated; every weight gets its float values back as soon as its block is done (and on
+    error): the model is as it came."""
+    from ..integrations.layerwise import compress_layerwise, find_blocks
+    from ..methods.gptq import GPTQ
+
+    out: dict[str, torch.Tensor] = {}
+    prefix, _ = find_blocks(model)
+    saved: list[tuple[nn.Module, torch.Tensor]] = []  # (linear, its float weight) of the block in progress
+    block_of_saved = [None]
+
+    def restore():
+        for linear, values in saved:  # through the module: the driver moves the block back to its own device
+            linear.weight.data.copy_(values)
+        saved.clear()
+
+    def make_observer(linears):
+        return GPTQ(linears[0].in_features, uses=len(linears))
+
+    def compress(name, linear, gptq):
+        block = name[len(prefix) + 1:].split(".", 1)[0]
+        if block != block_of_saved[0]:
+            restore()  # the previous block is done: its outputs have gone to this one
+            block_of_saved[0] = block
+        if name not in targets:
+            return linear
+        gname, qtype, heads = targets[name]
+        weight = linear.weight.data
+        w = weight.float()
+        if heads is not None:
+            w = _permute_qk(w, heads)
+        im = gptq.H.diagonal().float().cpu() / 2  # H = 2/n XᵀX: its diagonal is llama.cpp's imatrix (mean x²)
+        data, rel = _gptq_blocks(gptq, w, qtype, im, refine)
+        logger.debug(f"{name} {qtype} GPTQ: relative output error {rel:.4g}")
+        out[gname] = data.cpu()
+        dq = blocks.dequantize(data, qtype, w.shape[1]).reshape(w.shape)
+        if heads is not None:
+            dq = _unpermute_qk(dq, heads)
+        saved.append((linear, weight.clone()))
+        weight.copy_(dq.to(weight.dtype))
+        return linear
+
+    with torch.no_grad():
+        try:
+            compress_layerwise(model, windows, make_observer=make_observer, compress=compress,
+                               desc="GGUF GPTQ", reuse_stable=True)
+        finally:
+            restore()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -414,11 +481,12 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
     their own ternary codes). ``imatrix``: ``{module name: [in] importance}`` from :func:`compute_imatrix`, or
     calibration data (a text file, a list of strings, a Dataset) to compute it from. ``gptq=True`` (needs
     calibration data as ``imatrix``): every block type with a scale grid is filled by GPTQ instead of rounding
-    each weight alone -- the scales are still chosen as llama.cpp chooses them, so the file is an ordinary GGUF
-    (the Hessians of all linears are held at once: in_features² floats each). ``refine=False``: K-type blocks
-    exactly as llama.cpp's search leaves them, without the refinement that lowers each block's squared error
-    (:func:`hf_compress.quant.gguf_blocks.quantize`). The file appears only when complete (written beside it,
-    then renamed)."""
+    each weight alone -- the scales are still chosen as llama.cpp chooses them, so the file is an ordinary GGUF.
+    It runs block by block as :class:`~hf_compress.GPTQConfig` does (each linear calibrated on the inputs the
+    quantized layers before it give, one Hessian held at a time); the model is left as it came.
+    ``refine=False``: K-type blocks exactly as llama.cpp's search leaves them, without the refinement that lowers
+    each block's squared error (:func:`hf_compress.quant.gguf_blocks.quantize`). The file appears only when
+    complete (written beside it, then renamed)."""
     import gguf
 
     path = _check_output_path(path)
@@ -426,14 +494,8 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
         raise ValueError(f"unknown GGUF qtype {qtype!r}: supported {', '.join(MIXES)}")
     config = model.config
     arch = _architecture(config)
-    hessians = {}
-    if gptq:
-        if imatrix is None or isinstance(imatrix, dict):
-            raise ValueError("gptq=True needs calibration data: pass imatrix=<a text file, a list of strings or a Dataset>")
-        hessians = _calibrate(model, tokenizer, imatrix, n_samples, seqlen, 0, hessians=True)
-        imatrix = {k: g.H.diagonal().float().cpu() / 2 for k, g in hessians.items()}  # H = 2/n XᵀX: mean x²
-    elif imatrix is not None and not isinstance(imatrix, dict):
-        imatrix = compute_imatrix(model, tokenizer, imatrix, n_samples=n_samples, seqlen=seqlen)
+    if gptq and (imatrix is None or isinstance(imatrix, dict)):
+        raise ValueError("gptq=True needs calibration data: pass imatrix=<a text file, a list of strings or a Dataset>")
     sources, tied = _source_tensors(model, arch)
     shapes = []
     for gname, src, _, _ in sources:
@@ -455,6 +517,22 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
                 "model with BitLinearConfig first, or export it as Q4_K_M / Q8_0"
             )
 
+    hessians, by_gptq = {}, {}
+    if gptq:
+        windows = _windows(model, tokenizer, imatrix, n_samples, seqlen)
+        gridded = {g: mod for g, _, _, mod in sources if types[g] not in ("F16", "F32", *TERNARY)}
+        modules = dict(model.named_modules())
+        in_blocks = {mod: (g, types[g], heads) for g, src, heads, mod in sources
+                     if g in gridded and isinstance(modules[mod], nn.Linear) and src is modules[mod].weight}
+        by_gptq = _gptq_in_blocks(model, windows, in_blocks, refine)
+        # the rest (the output head, layers hf_compress packed): Hessians of the float model's inputs
+        linears = {n for n, _ in _linear_modules(model)}
+        rest = {mod for g, mod in gridded.items() if g not in by_gptq and mod in linears}
+        hessians = _calibrate(model, windows, hessians=True, names=rest) if rest else {}
+        imatrix = {k: g.H.diagonal().float().cpu() / 2 for k, g in hessians.items()}  # H = 2/n XᵀX: mean x²
+    elif imatrix is not None and not isinstance(imatrix, dict):
+        imatrix = compute_imatrix(model, tokenizer, imatrix, n_samples=n_samples, seqlen=seqlen)
+
     writer_path = None  # set once the file is in place
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=path.parent)
     os.close(fd)
@@ -467,7 +545,9 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
         _add_tokenizer(writer, tokenizer, config)
         for gname, src, heads, mod_name in tqdm(sources, desc=f"GGUF {qtype}", leave=False):
             t = types[gname]
-            if t in TERNARY:
+            if gname in by_gptq:
+                data = by_gptq.pop(gname)
+            elif t in TERNARY:
                 data = _ternary_blocks(src, t)
                 if heads is not None:
                     data = _permute_qk(data, heads)
