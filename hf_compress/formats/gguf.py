@@ -249,6 +249,11 @@ def compute_imatrix(model, tokenizer, data, n_samples: int = 64, seqlen: int = 2
     return {k: (s / n).cpu() for k, (s, n) in stats.items()}
 
 
+def _imatrix_of(gptq) -> torch.Tensor:
+    """llama.cpp's imatrix (the mean x² per input column) from a GPTQ Hessian: H = 2/n XᵀX."""
+    return gptq.H.diagonal().float().cpu() / 2
+
+
 def _gptq_blocks(gptq, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None, refine: bool = True) -> tuple[torch.Tensor, float]:
     """``w`` quantized to ``qtype`` blocks by GPTQ: each block's scales (and mins) chosen as llama.cpp would from
     the error-updated weights when GPTQ reaches it, then every code rounded with the error of the earlier columns
@@ -278,13 +283,13 @@ def _gptq_in_blocks(model, windows: torch.Tensor, targets: dict, refine: bool) -
     The driver needs each linear to run quantized for the ones after it, so its weight holds the dequantized blocks
     while its block is calibrated; every weight gets its float values back as soon as its block is done (and on
     error): the model is as it came."""
-    from ..integrations.layerwise import compress_layerwise, find_blocks
+    from ..integrations.layerwise import block_index, compress_layerwise, find_blocks
     from ..methods.gptq import GPTQ
 
     out: dict[str, torch.Tensor] = {}
     prefix, _ = find_blocks(model)
     saved: list[tuple[nn.Module, torch.Tensor]] = []  # (linear, its float weight) of the block in progress
-    block_of_saved = [None]
+    current = None  # that block's index
 
     def restore():
         for linear, values in saved:  # through the module: the driver moves the block back to its own device
@@ -295,10 +300,10 @@ def _gptq_in_blocks(model, windows: torch.Tensor, targets: dict, refine: bool) -
         return GPTQ(linears[0].in_features, uses=len(linears))
 
     def compress(name, linear, gptq):
-        block = name[len(prefix) + 1:].split(".", 1)[0]
-        if block != block_of_saved[0]:
+        nonlocal current
+        if block_index(prefix, name) != current:
             restore()  # the previous block is done: its outputs have gone to this one
-            block_of_saved[0] = block
+            current = block_index(prefix, name)
         if name not in targets:
             return linear
         gname, qtype, heads = targets[name]
@@ -306,8 +311,7 @@ def _gptq_in_blocks(model, windows: torch.Tensor, targets: dict, refine: bool) -
         w = weight.float()
         if heads is not None:
             w = _permute_qk(w, heads)
-        im = gptq.H.diagonal().float().cpu() / 2  # H = 2/n XᵀX: its diagonal is llama.cpp's imatrix (mean x²)
-        data, rel = _gptq_blocks(gptq, w, qtype, im, refine)
+        data, rel = _gptq_blocks(gptq, w, qtype, _imatrix_of(gptq), refine)
         logger.debug(f"{name} {qtype} GPTQ: relative output error {rel:.4g}")
         out[gname] = data.cpu()
         dq = blocks.dequantize(data, qtype, w.shape[1]).reshape(w.shape)
@@ -317,12 +321,11 @@ def _gptq_in_blocks(model, windows: torch.Tensor, targets: dict, refine: bool) -
         weight.copy_(dq.to(weight.dtype))
         return linear
 
-    with torch.no_grad():
-        try:
-            compress_layerwise(model, windows, make_observer=make_observer, compress=compress,
-                               desc="GGUF GPTQ", reuse_stable=True)
-        finally:
-            restore()
+    try:
+        compress_layerwise(model, windows, make_observer=make_observer, compress=compress, desc="GGUF GPTQ",
+                           reuse_stable=True)
+    finally:
+        restore()
     return out
 
 
@@ -529,7 +532,7 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
         linears = {n for n, _ in _linear_modules(model)}
         rest = {mod for g, mod in gridded.items() if g not in by_gptq and mod in linears}
         hessians = _calibrate(model, windows, hessians=True, names=rest) if rest else {}
-        imatrix = {k: g.H.diagonal().float().cpu() / 2 for k, g in hessians.items()}  # H = 2/n XᵀX: mean x²
+        imatrix = {k: _imatrix_of(g) for k, g in hessians.items()}
     elif imatrix is not None and not isinstance(imatrix, dict):
         imatrix = compute_imatrix(model, tokenizer, imatrix, n_samples=n_samples, seqlen=seqlen)
 
