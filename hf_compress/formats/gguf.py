@@ -226,6 +226,8 @@ def _calibrate(model, windows: torch.Tensor, hessians: bool, names: set[str] | N
                 s, n = stats.get(name, (0, 0))
                 stats[name] = (s + (x * x).sum(0), n + x.shape[0])
         hooks.append(module.register_forward_pre_hook(hook))
+    if not hooks:
+        return stats  # no linear to observe: no pass
     device = next(model.parameters()).device
     try:
         for row in tqdm(windows, desc="calibration", leave=False):
@@ -301,9 +303,9 @@ def _gptq_in_blocks(model, windows: torch.Tensor, targets: dict, refine: bool) -
 
     def compress(name, linear, gptq):
         nonlocal current
-        if block_index(prefix, name) != current:
+        if (block := block_index(prefix, name)) != current:
             restore()  # the previous block is done: its outputs have gone to this one
-            current = block_index(prefix, name)
+            current = block
         if name not in targets:
             return linear
         gname, qtype, heads = targets[name]
@@ -529,9 +531,8 @@ def export_gguf(model, tokenizer, path, qtype: str = "Q4_K_M", imatrix=None, gpt
                      if g in gridded and isinstance(modules[mod], nn.Linear) and src is modules[mod].weight}
         by_gptq = _gptq_in_blocks(model, windows, in_blocks, refine)
         # the rest (the output head, layers hf_compress packed): Hessians of the float model's inputs
-        linears = {n for n, _ in _linear_modules(model)}
-        rest = {mod for g, mod in gridded.items() if g not in by_gptq and mod in linears}
-        hessians = _calibrate(model, windows, hessians=True, names=rest) if rest else {}
+        rest = {mod for g, mod in gridded.items() if g not in by_gptq}
+        hessians = _calibrate(model, windows, hessians=True, names=rest)
         imatrix = {k: _imatrix_of(g) for k, g in hessians.items()}
     elif imatrix is not None and not isinstance(imatrix, dict):
         imatrix = compute_imatrix(model, tokenizer, imatrix, n_samples=n_samples, seqlen=seqlen)
